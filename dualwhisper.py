@@ -1,0 +1,931 @@
+"""
+dualwhisper: OpenAI's Whisper in one file, with a second cross-attention branch in every decoder
+layer fused with the first by a learned gate.
+
+Sections: dimensions, audio front end, tokenizer, model, loading and saving, decoding.
+The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_post`, ...) so that its
+state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
+"""
+
+import base64
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# dimensions
+
+
+@dataclass
+class ModelDimensions:
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 384
+    n_audio_head: int = 6
+    n_audio_layer: int = 4
+    n_vocab: int = 51864
+    n_text_ctx: int = 448
+    n_text_state: int = 384
+    n_text_head: int = 6
+    n_text_layer: int = 4
+    dual: bool = True  # second cross-attention branch + gate in every decoder layer
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model dimensions {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, cfg, dual=True):
+        """Dimensions from a Hugging Face `config.json` of a Whisper model."""
+        return cls(
+            n_mels=cfg["num_mel_bins"], n_audio_ctx=cfg["max_source_positions"],
+            n_audio_state=cfg["d_model"], n_audio_head=cfg["encoder_attention_heads"],
+            n_audio_layer=cfg["encoder_layers"], n_vocab=cfg["vocab_size"],
+            n_text_ctx=cfg["max_target_positions"], n_text_state=cfg["d_model"],
+            n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"], dual=dual)
+
+    @property
+    def is_multilingual(self):
+        return self.n_vocab >= 51865
+
+    @property
+    def num_languages(self):
+        return self.n_vocab - 51765 - int(self.is_multilingual)
+
+
+# -----------------------------------------------------------------------------
+# audio front end
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30-second window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
+TOKENS_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)  # 50 encoder positions (20 ms each) a second
+
+
+def resample(audio, orig_sr, new_sr=SAMPLE_RATE, width=16, rolloff=0.945):
+    """Band-limited resampling of a float array (..., n) by windowed-sinc polyphase filtering.
+    For each of the `new` output phases of a ratio new/orig (reduced by their gcd) one Hann-windowed
+    sinc kernel is built; a strided conv1d then produces all phases at once."""
+    if orig_sr == new_sr:
+        return audio
+    is_numpy = isinstance(audio, np.ndarray)
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)) if is_numpy else audio.float()
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    cutoff = min(orig, new) * rolloff  # in units where the output rate is `new`
+    half = math.ceil(width * orig / cutoff)  # kernel half-length in input samples
+    idx = torch.arange(-half, half + orig, dtype=torch.float64) / orig
+    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx[None]) * cutoff
+    t = t.clamp(-width, width)
+    window = torch.cos(t * math.pi / width / 2) ** 2
+    kernels = torch.sinc(t) * window * (cutoff / orig)  # (new, K)
+    shape = x.shape
+    x = x.reshape(-1, 1, shape[-1])
+    x = F.pad(x, (half, half + orig))
+    y = F.conv1d(x, kernels.to(x.dtype)[:, None], stride=orig)  # (B, new, L)
+    y = y.transpose(1, 2).reshape(*shape[:-1], -1)
+    y = y[..., : math.ceil(new * shape[-1] / orig)]
+    return y.numpy() if is_numpy else y
+
+
+def load_audio(path, sr=SAMPLE_RATE):
+    """Read an audio file with soundfile (wav, flac, ogg, mp3, ...), mix to mono and resample to `sr`.
+    Returns float32 numpy samples in [-1, 1]."""
+    import soundfile as sf
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError with terse messages
+        raise ValueError(f"cannot decode audio file {path}: {str(e).strip() or type(e).__name__}") from None
+    audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(audio).all():
+        raise ValueError(f"audio file {path} contains NaN or infinite samples")
+    return np.ascontiguousarray(resample(audio, file_sr, sr), dtype=np.float32)
+
+
+def pad_or_trim(array, length=N_SAMPLES, axis=-1):
+    """Pad with zeros or trim the given axis to `length` (numpy or torch)."""
+    n = array.shape[axis]
+    if n > length:
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(0, length)
+        return array[tuple(index)]
+    if n < length:
+        if torch.is_tensor(array):
+            pad = [0, 0] * array.ndim
+            pad[2 * (array.ndim - 1 - (axis % array.ndim)) + 1] = length - n
+            return F.pad(array, pad)
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, length - n)
+        return np.pad(array, widths)
+    return array
+
+
+@lru_cache(maxsize=None)
+def _mel_filters_cpu(n_mels, sr=SAMPLE_RATE, n_fft=N_FFT):
+    """Slaney-style mel filterbank (the one librosa builds by default and Whisper was trained with):
+    triangles spaced on the Slaney mel scale (linear below 1 kHz, logarithmic above), each
+    normalised to unit area so that wide high-frequency bands are not louder."""
+    def hz_to_mel(f):
+        f = np.asarray(f, dtype=np.float64)
+        lin = f / (200.0 / 3)
+        log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+        return np.where(f >= 1000.0, log, lin)
+
+    def mel_to_hz(m):
+        m = np.asarray(m, dtype=np.float64)
+        lin = m * (200.0 / 3)
+        log = 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0))
+        return np.where(m >= 15.0, log, lin)
+
+    fft_freqs = np.linspace(0, sr / 2, 1 + n_fft // 2)
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    return torch.from_numpy(weights.astype(np.float32))  # (n_mels, n_fft // 2 + 1)
+
+
+def mel_filters(n_mels, device="cpu"):
+    return _mel_filters_cpu(n_mels).to(device)
+
+
+def log_mel_spectrogram(audio, n_mels=80, padding=0, device=None):
+    """Whisper's log-mel spectrogram of 16 kHz audio: (n,) -> (n_mels, frames) or batched
+    (B, n) -> (B, n_mels, frames). The dynamic range is clipped to 8 (log10 units) below each
+    item's maximum, then scaled to roughly [-1, 1]."""
+    if isinstance(audio, (str, Path)):
+        audio = load_audio(audio)
+    if not torch.is_tensor(audio):
+        audio = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+    if device is not None:
+        audio = audio.to(device)
+    audio = audio.float()
+    if padding > 0:
+        audio = F.pad(audio, (0, padding))
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2  # drop the last frame, as Whisper does
+    mel = mel_filters(n_mels, audio.device) @ magnitudes
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    peak = log_spec.amax(dim=(-2, -1), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+# Whisper's language tokens, in the order of their ids (large-v3 added "yue" as the 100th).
+LANGUAGES = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
+    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
+    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
+    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
+    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
+    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
+    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
+    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
+    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
+    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
+    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
+    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
+    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
+    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
+    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
+    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
+    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
+    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
+    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
+}
+TO_LANGUAGE_CODE = {name: code for code, name in LANGUAGES.items()}
+
+# GPT-2's pre-tokenisation pattern, which Whisper's byte-level BPE uses.
+_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters, used to store byte tokens in
+    vocab.json."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+class Tokenizer:
+    """Whisper's tokenizer on tiktoken, built from a checkpoint's own vocab.json.
+
+    Special tokens follow the BPE vocabulary in Whisper's order: endoftext, startoftranscript,
+    the language tokens, translate, transcribe, startoflm, startofprev, nospeech, notimestamps, and
+    1501 timestamp tokens <|0.00|> ... <|30.00|>."""
+
+    def __init__(self, vocab_path, num_languages=99, multilingual=True, language=None, task="transcribe"):
+        import tiktoken
+
+        vocab_path = Path(vocab_path)
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab_path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"tokenizer vocabulary {vocab_path} is not valid JSON: {e}") from None
+        byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        ranks = {}
+        for token, rank in vocab.items():
+            if token.startswith("<|") and token.endswith("|>"):
+                continue  # special tokens are added below, in Whisper's order
+            ranks[bytes(byte_decoder[c] for c in token)] = rank
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{vocab_path} does not hold a contiguous BPE vocabulary")
+        self.num_languages = num_languages
+        self.multilingual = multilingual
+        self.language_codes = list(LANGUAGES)[:num_languages]
+        specials = ["<|endoftext|>", "<|startoftranscript|>"]
+        specials += [f"<|{code}|>" for code in self.language_codes]
+        specials += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+        specials += [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+        n = len(ranks)
+        self.special_tokens = {s: n + i for i, s in enumerate(specials)}
+        self.encoding = tiktoken.Encoding(
+            name=vocab_path.parent.name or "whisper", pat_str=_PAT, mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.n_vocab = self.encoding.n_vocab
+        self.language = language if multilingual else "en"
+        if self.language is not None and self.language not in self.language_codes:
+            self.language = self.to_language_code(self.language)
+        self.task = task
+
+    @classmethod
+    def from_pretrained(cls, folder, n_vocab=None, **kwargs):
+        """Tokenizer of a checkpoint folder (Hugging Face layout). The vocabulary size decides
+        English-only (51864) or multilingual (51865; 51866 with large-v3's extra language)."""
+        folder = Path(folder)
+        if n_vocab is None:
+            cfg = folder / "config.json"
+            n_vocab = json.loads(cfg.read_text())["vocab_size"] if cfg.exists() else 51865
+        dims = ModelDimensions(n_vocab=n_vocab)
+        return cls(folder / "vocab.json", dims.num_languages, dims.is_multilingual, **kwargs)
+
+    def to_language_code(self, language):
+        lang = language.lower()
+        if lang in self.language_codes:
+            return lang
+        if TO_LANGUAGE_CODE.get(lang) in self.language_codes:
+            return TO_LANGUAGE_CODE[lang]
+        raise ValueError(f"unsupported language {language!r}; expected a code such as 'en' or 'az' or a name such as 'azerbaijani'")
+
+    # text
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
+
+    def decode(self, tokens):
+        """Text of the tokens, leaving out timestamps (and every other special token)."""
+        return self.encoding.decode([t for t in tokens if t < self.eot])
+
+    def decode_with_timestamps(self, tokens):
+        """Text of all tokens, timestamps written as <|1.08|>."""
+        return self.encoding.decode(list(tokens))
+
+    # special tokens
+    def _special(self, s):
+        return self.special_tokens[s]
+
+    eot = property(lambda self: self._special("<|endoftext|>"))
+    sot = property(lambda self: self._special("<|startoftranscript|>"))
+    transcribe_token = property(lambda self: self._special("<|transcribe|>"))
+    translate_token = property(lambda self: self._special("<|translate|>"))
+    sot_lm = property(lambda self: self._special("<|startoflm|>"))
+    sot_prev = property(lambda self: self._special("<|startofprev|>"))
+    no_speech = property(lambda self: self._special("<|nospeech|>"))
+    no_timestamps = property(lambda self: self._special("<|notimestamps|>"))
+    timestamp_begin = property(lambda self: self._special("<|0.00|>"))
+
+    def language_token(self, language=None):
+        code = self.to_language_code(language or self.language or "en")
+        return self.special_tokens[f"<|{code}|>"]
+
+    @property
+    def all_language_tokens(self):
+        return [self.special_tokens[f"<|{c}|>"] for c in self.language_codes]
+
+    def sot_sequence(self, language=None, task=None):
+        """The prompt that starts a transcript: <|startoftranscript|> alone for English-only
+        models; followed by the language and task tokens for multilingual ones."""
+        seq = [self.sot]
+        if self.multilingual:
+            language = language or self.language
+            if language is not None:
+                seq.append(self.language_token(language))
+            task = task or self.task
+            if task is not None:
+                seq.append(self.transcribe_token if task == "transcribe" else self.translate_token)
+        return seq
+
+    @property
+    def non_speech_tokens(self):
+        """Tokens of symbols that are not speech (brackets, music signs, ...), which decoding
+        suppresses so that the model does not narrate sounds; the same list Whisper builds."""
+        symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』')
+        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
+        miscellaneous = set("♩♪♫♬♭♮♯")
+        result = {self.encode(" -")[0], self.encode(" '")[0]}
+        for symbol in symbols + sorted(miscellaneous):
+            for tokens in (self.encode(symbol), self.encode(" " + symbol)):
+                if len(tokens) == 1 or symbol in miscellaneous:
+                    result.add(tokens[0])
+        return sorted(result)
+
+
+def get_tokenizer(model_or_folder, **kwargs):
+    """Tokenizer for a model returned by `load_model` (from the files beside its weights) or for a
+    checkpoint folder."""
+    if isinstance(model_or_folder, nn.Module):
+        folder = getattr(model_or_folder, "source_dir", None)
+        if folder is None:
+            raise ValueError("this model was not loaded from a folder with tokenizer files; pass the folder to get_tokenizer")
+        return Tokenizer.from_pretrained(folder, n_vocab=model_or_folder.dims.n_vocab, **kwargs)
+    return Tokenizer.from_pretrained(model_or_folder, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, as in Whisper."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type(x.dtype)
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv1d(nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def sinusoids(length, channels, max_timescale=10000):
+    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines."""
+    assert channels % 2 == 0
+    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (xa=None) or cross-attention over audio features xa. The key projection has
+    no bias, as in Whisper."""
+
+    def __init__(self, n_state, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+
+    def heads(self, x):  # (B, T, C) -> (B, H, T, D)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def kv(self, xa):
+        """Keys and values of the audio features: computed once per window when decoding."""
+        return self.heads(self.key(xa)), self.heads(self.value(xa))
+
+    def forward(self, x, xa=None, kv=None, causal=False, cache=None, offset=0, weights=None):
+        """x: (B, T, C). Cross-attention takes xa (B, S, C) or its precomputed kv. Cached
+        self-attention writes this step's keys and values at positions offset..offset+T of the
+        preallocated `cache` = (k, v), each (B, H, n_ctx, D), and attends to all positions so far.
+        If `weights` is a list, the attention weights (B, H, T, S) are appended to it."""
+        B, T, C = x.shape
+        q = self.heads(self.query(x))
+        if kv is not None:
+            k, v = kv
+        elif xa is not None:
+            k, v = self.kv(xa)
+        else:
+            k, v = self.heads(self.key(x)), self.heads(self.value(x))
+            if cache is not None:
+                cache[0][:, :, offset:offset + T] = k
+                cache[1][:, :, offset:offset + T] = v
+                k, v = cache[0][:, :, :offset + T], cache[1][:, :, :offset + T]
+        mask = None
+        if causal and T > 1:
+            if offset == 0 and weights is None:
+                mask = "causal"
+            else:  # query i sits at position offset + i and may see keys up to there
+                i = torch.arange(T, device=x.device)[:, None] + offset
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
+        if weights is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal")
+        else:
+            att = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = att.softmax(dim=-1)
+            weights.append(att)
+            y = att.to(q.dtype) @ v
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """A pre-LN transformer block. Decoder blocks add cross-attention over the audio and, when
+    dual, a second cross-attention branch fused with the first by a gate:
+
+        a = cross_attn(cross_attn_ln(x), audio)          primary branch (official weights)
+        b = cross_attn2(cross_attn2_ln(x), audio)        secondary branch (new)
+        g = tanh(gate([cross_attn_ln(x), a, b]))         one weight per token, (B, T, 1)
+        x = x + (1 - g) * a + g * b
+
+    Why this form. The gate sees the decoder state and both branch outputs, so it can learn per
+    token when the second view of the audio is worth more (noisy frames, a second talker).
+    `gate` starts at zero weight and bias, so g = 0 and the block computes exactly what the
+    official Whisper computes, whatever the secondary branch holds. Any exact-at-init fusion of
+    the form g * d has one factor identically zero at init and so one factor without gradient at
+    step 0; we choose which. A convex mix over a copied branch (d = b - a = 0) starves the gate,
+    whose gradient grows only as the copies drift apart, and keeps the copies symmetric. Here the
+    secondary branch is freshly initialised, so b - a is a real, input-dependent signal and the
+    gate gets its full gradient from the first step: after one optimiser step g != 0 and the
+    branch gets gradient g * dL/dx. Adam normalises that gradient, so the branch moves at full
+    speed as soon as the gate has opened a little; a larger learning rate on the new parts
+    (train.py --dual_lr_mult) opens the gate within tens of steps.
+    """
+
+    def __init__(self, n_state, n_head, cross_attention=False, dual=False):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.dual = cross_attention and dual
+        if self.dual:
+            self.cross_attn2 = MultiHeadAttention(n_state, n_head)
+            self.cross_attn2_ln = LayerNorm(n_state)
+            self.gate = Linear(3 * n_state, 1)
+            self.reset_dual_parameters()
+        n_mlp = n_state * 4
+        self.mlp = nn.Sequential(Linear(n_state, n_mlp), nn.GELU(), Linear(n_mlp, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def reset_dual_parameters(self):
+        for m in (self.cross_attn2, self.cross_attn2_ln):
+            for sub in m.modules():
+                if hasattr(sub, "reset_parameters"):
+                    sub.reset_parameters()
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def cross_kv(self, xa):
+        """Cross-attention keys and values of both branches for one audio window."""
+        kv = [self.cross_attn.kv(xa)]
+        if self.dual:
+            kv.append(self.cross_attn2.kv(xa))
+        return kv
+
+    def forward(self, x, xa=None, cross_kv=None, cache=None, offset=0, details=None):
+        causal = self.cross_attn is not None  # decoder blocks are causal, encoder blocks are not
+        x = x + self.attn(self.attn_ln(x), causal=causal, cache=cache, offset=offset)
+        if self.cross_attn is not None:
+            w1 = w2 = None
+            if details is not None:
+                w1, w2 = [], []
+            h = self.cross_attn_ln(x)
+            a = self.cross_attn(h, xa, kv=cross_kv[0] if cross_kv else None, weights=w1)
+            if self.dual:
+                b = self.cross_attn2(self.cross_attn2_ln(x), xa, kv=cross_kv[1] if cross_kv else None, weights=w2)
+                g = torch.tanh(self.gate(torch.cat([h, a, b], dim=-1)))  # (B, T, 1)
+                a = a + g * (b - a)
+            if details is not None:
+                details.append({"cross_attn": w1[0], "cross_attn2": w2[0] if self.dual else None,
+                                "gate": g[..., 0] if self.dual else None})
+            x = x + a
+        x = x + self.mlp(self.mlp_ln(x))
+        return x
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
+        super().__init__()
+        self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = LayerNorm(n_state)
+        self.checkpointing = False
+
+    def forward(self, mel):
+        """mel: (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x))
+        x = x.permute(0, 2, 1)  # (B, T, C)
+        if x.shape[1] > self.positional_embedding.shape[0]:
+            raise ValueError(f"audio of {x.shape[1]} positions is longer than the encoder's {self.positional_embedding.shape[0]}")
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual):
+        super().__init__()
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, dual=dual) for _ in range(n_layer)])
+        self.ln = LayerNorm(n_state)
+        self.checkpointing = False
+
+    def forward(self, tokens, xa=None, cache=None, offset=0, details=None):
+        """tokens: (B, T) at positions offset..offset+T; xa: audio features (B, S, C), or None when
+        `cache` holds the cross-attention keys and values. Returns float32 logits (B, T, n_vocab)."""
+        T = tokens.shape[-1]
+        x = self.token_embedding(tokens) + self.positional_embedding[offset:offset + T]
+        if xa is not None:
+            x = x.to(xa.dtype)
+        elif cache is not None:
+            x = x.to(cache.dtype)
+        for i, block in enumerate(self.blocks):
+            kw = dict(cross_kv=cache.cross[i] if cache else None, cache=cache.self_kv[i] if cache else None,
+                      offset=offset, details=details)
+            if self.checkpointing and self.training and cache is None and details is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, xa, use_reentrant=False)
+            else:
+                x = block(x, xa, **kw)
+        x = self.ln(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).t()).float()  # output tied to the embedding
+
+
+class KVCache:
+    """The decoder's explicit cache for one batch of audio windows: per layer, self-attention keys
+    and values in preallocated (B, H, n_ctx, D) tensors written at their positions, and the
+    cross-attention keys and values of both branches, computed once from the audio features."""
+
+    def __init__(self, model, audio_features, n_ctx=None):
+        dec = model.decoder
+        n_ctx = n_ctx or model.dims.n_text_ctx
+        B, _, C = audio_features.shape
+        H = model.dims.n_text_head
+        self.dtype = audio_features.dtype
+        self.cross = [block.cross_kv(audio_features) for block in dec.blocks]
+        shape = (B, H, n_ctx, C // H)
+        self.self_kv = [(audio_features.new_zeros(shape), audio_features.new_zeros(shape)) for _ in dec.blocks]
+
+    def reorder(self, index):
+        """Keep batch rows `index` (beam search), self-attention and cross-attention alike."""
+        self.self_kv = [(k[index], v[index]) for k, v in self.self_kv]
+        self.cross = [[(k[index], v[index]) for k, v in kvs] for kvs in self.cross]
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer, dims.dual)
+        self.source_dir = None  # folder with tokenizer and generation files, set by load_model
+        self.generation_config = {}
+
+    def embed_audio(self, mel):
+        return self.encoder(mel)
+
+    def logits(self, tokens, audio_features):
+        return self.decoder(tokens, audio_features)
+
+    def forward(self, mel, tokens, targets=None):
+        """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab); with targets (B, T),
+        where -100 marks positions to ignore, the mean cross-entropy instead."""
+        logits = self.decoder(tokens, self.encoder(mel))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    def analyse(self, mel, tokens):
+        """Logits plus, per decoder layer, the gate values (B, T) and both branches' cross-attention
+        weights (B, H, T, S): for plots and analysis."""
+        details = []
+        logits = self.decoder(tokens, self.encoder(mel), details=details)
+        return logits, details
+
+    @property
+    def is_multilingual(self):
+        return self.dims.is_multilingual
+
+    @property
+    def num_languages(self):
+        return self.dims.num_languages
+
+    def dual_parameter_names(self):
+        """Names of the new parameters (second cross-attention branch, its norm, the gate)."""
+        return [n for n, _ in self.named_parameters() if is_dual_parameter(n)]
+
+    def gradient_checkpointing(self, enabled=True):
+        self.encoder.checkpointing = self.decoder.checkpointing = enabled
+
+
+def is_dual_parameter(name):
+    return any(part in name.split(".") for part in ("cross_attn2", "cross_attn2_ln", "gate"))
+
+
+# -----------------------------------------------------------------------------
+# loading and saving
+
+# Official Hugging Face tensor names -> ours (openai-whisper's). {i} is a layer index.
+HF_KEY_MAP = {
+    "model.encoder.conv1.weight": "encoder.conv1.weight",
+    "model.encoder.conv1.bias": "encoder.conv1.bias",
+    "model.encoder.conv2.weight": "encoder.conv2.weight",
+    "model.encoder.conv2.bias": "encoder.conv2.bias",
+    "model.encoder.embed_positions.weight": "encoder.positional_embedding",
+    "model.encoder.layer_norm.weight": "encoder.ln_post.weight",
+    "model.encoder.layer_norm.bias": "encoder.ln_post.bias",
+    "model.decoder.embed_tokens.weight": "decoder.token_embedding.weight",
+    "model.decoder.embed_positions.weight": "decoder.positional_embedding",
+    "model.decoder.layer_norm.weight": "decoder.ln.weight",
+    "model.decoder.layer_norm.bias": "decoder.ln.bias",
+}
+HF_LAYER_KEY_MAP = {  # per layer, for "encoder" and "decoder" alike (encoder_attn only in the decoder)
+    "self_attn.q_proj.weight": "attn.query.weight",
+    "self_attn.q_proj.bias": "attn.query.bias",
+    "self_attn.k_proj.weight": "attn.key.weight",
+    "self_attn.v_proj.weight": "attn.value.weight",
+    "self_attn.v_proj.bias": "attn.value.bias",
+    "self_attn.out_proj.weight": "attn.out.weight",
+    "self_attn.out_proj.bias": "attn.out.bias",
+    "self_attn_layer_norm.weight": "attn_ln.weight",
+    "self_attn_layer_norm.bias": "attn_ln.bias",
+    "encoder_attn.q_proj.weight": "cross_attn.query.weight",
+    "encoder_attn.q_proj.bias": "cross_attn.query.bias",
+    "encoder_attn.k_proj.weight": "cross_attn.key.weight",
+    "encoder_attn.v_proj.weight": "cross_attn.value.weight",
+    "encoder_attn.v_proj.bias": "cross_attn.value.bias",
+    "encoder_attn.out_proj.weight": "cross_attn.out.weight",
+    "encoder_attn.out_proj.bias": "cross_attn.out.bias",
+    "encoder_attn_layer_norm.weight": "cross_attn_ln.weight",
+    "encoder_attn_layer_norm.bias": "cross_attn_ln.bias",
+    "fc1.weight": "mlp.0.weight",
+    "fc1.bias": "mlp.0.bias",
+    "fc2.weight": "mlp.2.weight",
+    "fc2.bias": "mlp.2.bias",
+    "final_layer_norm.weight": "mlp_ln.weight",
+    "final_layer_norm.bias": "mlp_ln.bias",
+}
+HF_TIED_OUTPUT = "proj_out.weight"  # tied to the token embedding; files usually leave it out
+
+# Files a checkpoint folder needs besides its weights; fetched from the hub with them.
+HUB_FILES = ["config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json",
+             "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json", "normalizer.json",
+             "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+OFFICIAL_NAMES = ["tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
+                  "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo"]
+
+
+def hf_key_map(dims):
+    """The full official -> ours table for a model of these dimensions."""
+    table = dict(HF_KEY_MAP)
+    for side, n_layer in (("encoder", dims.n_audio_layer), ("decoder", dims.n_text_layer)):
+        for i in range(n_layer):
+            for theirs, ours in HF_LAYER_KEY_MAP.items():
+                if side == "encoder" and theirs.startswith("encoder_attn"):
+                    continue
+                table[f"model.{side}.layers.{i}.{theirs}"] = f"{side}.blocks.{i}.{ours}"
+    return table
+
+
+def _read_safetensors(folder):
+    """All tensors of a folder's model.safetensors, or of its shards listed in
+    model.safetensors.index.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"weights file missing: {path}")
+        try:
+            part = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); download it again") from None
+        dup = state.keys() & part.keys()
+        if dup:
+            raise ValueError(f"{path} repeats tensors of another shard, e.g. {sorted(dup)[0]}")
+        state.update(part)
+    return state
+
+
+def _remap(state, table, source):
+    """Rename official tensors to ours through `table`, checking that every tensor is known and
+    used exactly once."""
+    unknown = [k for k in state if k not in table and k != HF_TIED_OUTPUT]
+    if unknown:
+        raise ValueError(f"{source} is not a Whisper checkpoint of the size its config gives: unexpected tensor {unknown[0]!r}"
+                         f" ({len(unknown)} unexpected in all)")
+    missing = [k for k in table if k not in state]
+    if missing:
+        raise ValueError(f"{source} is not a complete Whisper checkpoint: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+    assert len(set(table.values())) == len(table), "the key table maps two official tensors to one of ours"
+    out = {table[k]: v for k, v in state.items() if k != HF_TIED_OUTPUT}
+    if HF_TIED_OUTPUT in state and not torch.equal(state[HF_TIED_OUTPUT], state["model.decoder.embed_tokens.weight"]):
+        raise ValueError(f"{source} has an output projection that is not tied to the token embedding; Whisper ties them")
+    return out
+
+
+def _resolve(name_or_path):
+    """A local folder for a model name, hub id or path; downloads only the files a model needs."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name in OFFICIAL_NAMES:
+        name = "openai/whisper-" + {"large": "large-v3", "turbo": "large-v3-turbo"}.get(name, name)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".pt")
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model folder or file not found: {name_or_path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        pass  # not in the local cache
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionError(
+            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); pass a local folder with "
+            f"model.safetensors and config.json instead, e.g. --model ../shared/models/whisper-tiny.en") from None
+
+
+def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True):
+    """Load Whisper weights into our model.
+
+    `name_or_path`: an official name ("tiny.en", "small", "large-v3", "turbo"), a Hugging Face hub
+    id ("openai/whisper-small"), a local folder in the hub's layout (model.safetensors or shards,
+    config.json, generation and tokenizer files), OpenAI's original .pt checkpoint, or a folder
+    saved by `save_model` (a fine-tuned dual model). Official weights leave the new dual-attention
+    parameters freshly initialised (so the model computes exactly what Whisper computes);
+    dual=False builds plain single-attention Whisper."""
+    path = _resolve(name_or_path)
+    if path.is_file() and path.suffix == ".pt":
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
+            raise ValueError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
+        dims = ModelDimensions(**ckpt["dims"], dual=dual)
+        state = dict(ckpt["model_state_dict"])
+        state.setdefault("encoder.positional_embedding", sinusoids(dims.n_audio_ctx, dims.n_audio_state))
+        source_dir = path.parent
+    elif path.is_dir():
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise ValueError(f"{path} holds no config.json: not a Whisper checkpoint folder")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+        state = _read_safetensors(path)
+        if cfg.get("model_type") == "dualwhisper":  # one of ours: our names already
+            dims = ModelDimensions.from_dict(cfg["dims"])
+            if not dual and dims.dual:
+                state = {k: v for k, v in state.items() if not is_dual_parameter(k)}
+            dims.dual = dims.dual and dual
+            expected = set(_empty_model(dims).state_dict())
+            if set(state) != expected:
+                odd = sorted(set(state) ^ expected)
+                raise ValueError(f"{path} does not match its config: tensor {odd[0]!r} is missing or unexpected")
+        elif cfg.get("model_type") == "whisper":
+            dims = ModelDimensions.from_hf_config(cfg, dual=dual)
+            state = _remap(state, hf_key_map(dims), path)
+        else:
+            raise ValueError(f"{cfg_path} describes a {cfg.get('model_type')!r} model, not Whisper")
+        source_dir = path
+    else:
+        raise ValueError(f"{path} is neither a checkpoint folder nor a .pt file")
+
+    model = _empty_model(dims)
+    expected = model.state_dict()
+    for k, v in state.items():
+        if expected[k].shape != v.shape:
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)} from the config")
+    result = model.load_state_dict(state, strict=False, assign=True)
+    assert not result.unexpected_keys, result.unexpected_keys
+    left = [k for k in result.missing_keys if not is_dual_parameter(k)]
+    assert not left, f"not loaded: {left}"
+    for block in model.decoder.blocks:  # the new parts, still on the meta device: initialise them
+        if block.dual and any(p.is_meta for p in block.gate.parameters()):
+            for m in (block.cross_attn2, block.cross_attn2_ln, block.gate):
+                m.to_empty(device="cpu")
+            block.reset_dual_parameters()
+    model = model.to(device=device, dtype=dtype)
+    model.source_dir = source_dir
+    model.generation_config = _read_json(source_dir / "generation_config.json")
+    return model.eval()
+
+
+def _empty_model(dims):
+    with torch.device("meta"):
+        return Whisper(dims)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
+                   "special_tokens_map.json", "normalizer.json", "generation_config.json", "preprocessor_config.json"]
+
+
+def save_model(model, folder, extra=None):
+    """Save our model as model.safetensors plus config.json (dimensions and `extra`, e.g. the
+    training config), with the tokenizer and generation files of the model it came from, so that
+    the folder loads with `load_model` on its own. Written to a temporary folder, then renamed."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        cfg = {"model_type": "dualwhisper", "dims": asdict(model.dims), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if model.source_dir is not None and Path(model.source_dir).resolve() != folder.resolve():
+            for name in TOKENIZER_FILES:
+                src = Path(model.source_dir) / name
+                if src.exists():
+                    shutil.copyfile(src, tmp / name)
+        elif folder.exists():
+            for name in TOKENIZER_FILES:
+                if (folder / name).exists():
+                    shutil.copyfile(folder / name, tmp / name)
+        old = None
+        if folder.exists():
+            old = folder.parent / (folder.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model.source_dir = folder
+    return folder
