@@ -929,3 +929,52 @@ def save_model(model, folder, extra=None):
         raise
     model.source_dir = folder
     return folder
+
+
+# -----------------------------------------------------------------------------
+# decoding
+
+
+def suppress_token_list(model, tokenizer):
+    """Tokens never to emit: the checkpoint's generation config list (Whisper's non-speech
+    symbols) or, without one, the same list built from the tokenizer; plus the special tokens
+    that only prompts use."""
+    tokens = model.generation_config.get("suppress_tokens") or tokenizer.non_speech_tokens
+    tokens = set(t for t in tokens if 0 <= t < tokenizer.eot)
+    tokens |= {tokenizer.transcribe_token, tokenizer.translate_token, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm}
+    if tokenizer.no_speech is not None:
+        tokens.add(tokenizer.no_speech)
+    return sorted(tokens)
+
+
+@torch.no_grad()
+def greedy_decode(model, mel, tokenizer, prompt=None, max_tokens=None):
+    """Greedy decoding of a batch of 30-second windows, without timestamps, with the KV cache.
+    mel: (B, n_mels, 3000). Returns one list of text tokens per window (end-of-text excluded)."""
+    B = mel.shape[0]
+    prompt = prompt or tokenizer.sot_sequence() + [tokenizer.no_timestamps]
+    max_tokens = max_tokens or model.dims.n_text_ctx // 2
+    n_ctx = min(model.dims.n_text_ctx, len(prompt) + max_tokens)
+    audio_features = model.encoder(mel.to(next(model.parameters()).dtype))
+    cache = KVCache(model, audio_features, n_ctx)
+    suppress = torch.tensor(suppress_token_list(model, tokenizer), device=mel.device)
+    blank = torch.tensor(tokenizer.encode(" ") + [tokenizer.eot], device=mel.device)
+    tokens = torch.tensor([prompt] * B, device=mel.device)
+    out = torch.empty(B, 0, dtype=torch.long, device=mel.device)
+    done = torch.zeros(B, dtype=torch.bool, device=mel.device)
+    offset = 0
+    while offset + tokens.shape[1] <= n_ctx:
+        logits = model.decoder(tokens, cache=cache, offset=offset)[:, -1]
+        offset += tokens.shape[1]
+        logits[:, suppress] = -float("inf")
+        logits[:, tokenizer.timestamp_begin:] = -float("inf")
+        if out.shape[1] == 0:  # do not start with a blank or end at once
+            logits[:, blank] = -float("inf")
+        next_token = logits.argmax(dim=-1)
+        next_token = torch.where(done, tokenizer.eot, next_token)
+        done |= next_token == tokenizer.eot
+        out = torch.cat([out, next_token[:, None]], dim=1)
+        tokens = next_token[:, None]
+        if done.all():
+            break
+    return [[t for t in row if t != tokenizer.eot] for row in out.tolist()]
