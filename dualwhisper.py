@@ -932,6 +932,53 @@ def save_model(model, folder, extra=None):
 
 
 # -----------------------------------------------------------------------------
+# noise: the same mixing for training augmentation and for evaluation at fixed SNRs
+
+
+def power(x, dim=-1):
+    """Mean power of signals (..., n), floored so that silence does not divide by zero."""
+    return x.float().pow(2).mean(dim=dim).clamp_min(1e-10)
+
+
+def mix_at_snr(clean, noise, snr_db):
+    """clean + noise scaled so that the clean-to-noise power ratio is `snr_db` decibels.
+    clean, noise: (B, n) on any device; snr_db: a number or (B,). Powers are measured over the
+    whole signal (zero padding included on both, so give equal-length signals)."""
+    snr_db = torch.as_tensor(snr_db, dtype=torch.float32, device=clean.device)
+    scale = torch.sqrt(power(clean) / (power(noise) * 10 ** (snr_db / 10)))  # (B,)
+    return clean + scale[..., None].to(clean.dtype) * noise
+
+
+def coloured_noise(shape, colour="white", generator=None, device="cpu"):
+    """Gaussian noise with power spectral density ~ 1/f^k: white (k=0), pink (k=1), brown (k=2);
+    unit power. shape: (..., n)."""
+    exponent = {"white": 0.0, "pink": 1.0, "brown": 2.0}[colour]
+    x = torch.randn(shape, generator=generator, device=device)
+    if exponent:
+        spec = torch.fft.rfft(x)
+        f = torch.fft.rfftfreq(shape[-1], device=device)
+        f[0] = f[1] if len(f) > 1 else 1.0  # no infinite gain at DC
+        x = torch.fft.irfft(spec / f.pow(exponent / 2), n=shape[-1])
+    return x / power(x).sqrt()[..., None]
+
+
+def babble(utterances, n_talkers=4, generator=None):
+    """Babble noise for each row of `utterances` (B, n): the sum of `n_talkers` other rows picked at
+    random (rolled in time so that they do not start together), each at unit power. Needs B >= 2."""
+    B, n = utterances.shape
+    assert B >= 2, "babble needs at least two utterances in the batch"
+    dev = utterances.device
+    out = torch.zeros_like(utterances, dtype=torch.float32)
+    rows = torch.arange(B, device=dev)
+    for _ in range(n_talkers):
+        other = (rows + torch.randint(1, B, (B,), generator=generator, device=generator.device if generator else "cpu").to(dev)) % B
+        shift = int(torch.randint(0, n, (1,), generator=generator, device=generator.device if generator else "cpu"))
+        talker = utterances[other].float().roll(shift, dims=-1)
+        out += talker / power(talker).sqrt()[..., None]
+    return out
+
+
+# -----------------------------------------------------------------------------
 # decoding
 
 
