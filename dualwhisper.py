@@ -49,6 +49,11 @@ class ModelDimensions:
     @classmethod
     def from_hf_config(cls, cfg, dual=True):
         """Dimensions from a Hugging Face `config.json` of a Whisper model."""
+        d = cfg["d_model"]
+        odd = {k: cfg.get(k) for k, want in (("encoder_ffn_dim", 4 * d), ("decoder_ffn_dim", 4 * d),
+               ("activation_function", "gelu"), ("scale_embedding", False)) if cfg.get(k, want) != want}
+        if odd:
+            raise ValueError(f"Whisper config with settings this model does not implement: {odd}")
         return cls(
             n_mels=cfg["num_mel_bins"], n_audio_ctx=cfg["max_source_positions"],
             n_audio_state=cfg["d_model"], n_audio_head=cfg["encoder_attention_heads"],
