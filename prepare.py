@@ -1,23 +1,75 @@
 """
 prepare.py: turn speech datasets into dualwhisper's training format.
 
+  python prepare.py --demo                                   # a small spoken corpus made with espeak-ng
+  python prepare.py --input clips/ --out data/mine           # a folder with a manifest or .txt transcripts
+  python prepare.py --hf_dataset LocalDoc/azerbaijani_asr --language az \\
+                    --model ../shared/tokenizers/whisper-multilingual --out data/az
+  python prepare.py --noise_dir noises/ --out data/az        # add a noise bank to a prepared folder
+
 The format (one output folder, in the spirit of nanoGPT's train.bin), per split (train, val, noise):
   {split}.audio.bin    every clip's 16 kHz audio as int16 samples, one after another
   {split}.tokens.bin   every clip's decoder tokens as uint16: <|startoftranscript|> [language task]
-                       <|notimestamps|> text tokens <|endoftext|>
+                       <|notimestamps|> text tokens <|endoftext|>  (empty for noise)
   {split}.index.npy    one row per clip: audio_offset, audio_len, token_offset, token_len
   {split}.jsonl        one JSON object per clip: id, text, language
   meta.json            counts, hours, tokenizer, source, filter report
+
+How it runs: rows stream from the source (a manifest, a folder, parquet shards one at a time) in a
+fixed order; their text is tokenized here and their audio decoded in worker processes, a bounded
+number of clips in flight. Clips are appended to files in a work folder ({out}/.prepare-{job});
+every few seconds the files are synced and the position in the source saved, so an interrupted run,
+started again with the same command, truncates back to the last save and goes on from there. The
+finished files are renamed into the output folder, each split's index last, and meta.json after them:
+a reader sees the old complete data or the new complete data, never a half-written split.
 """
 
+import argparse
+import csv
+import hashlib
+import io
 import json
+import multiprocessing
 import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+import dualwhisper as dw
+
 FORMAT_VERSION = 1
 INDEX_DTYPE = np.dtype([("audio_offset", "<i8"), ("audio_len", "<i8"), ("token_offset", "<i8"), ("token_len", "<i4")])
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+NOISE_SEGMENT_SECONDS = 30  # long noise recordings are cut into pieces of at most this length
+SHARED = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+DEFAULT_MODEL = str(SHARED / "models" / "whisper-tiny.en") if (SHARED / "models" / "whisper-tiny.en").is_dir() else "tiny.en"
+
+# Why a row is left out, in the order the checks run; the final report and meta.json count each.
+FILTERS = {
+    "bad_row": "a manifest row that is not valid JSON or lacks its path or text",
+    "missing_text": "no .txt transcript beside the audio file",
+    "bad_text": "transcript that is not valid UTF-8",
+    "empty_text": "empty transcript",
+    "unsupported_language": "a language the tokenizer has no token for",
+    "too_long_text": "transcript longer than the decoder's context (n_text_ctx, prompt included)",
+    "missing_audio": "audio file not found",
+    "undecodable_audio": "audio that cannot be decoded, is empty or holds NaN",
+    "too_long_audio": "audio longer than --max_seconds",
+}
+
+
+class PrepareError(Exception):
+    """A problem with the user's input or settings: reported in one line, exit status 2."""
+
 
 # -----------------------------------------------------------------------------
 # the format: reading
@@ -35,6 +87,10 @@ class PreparedSplit:
         self._audio = self._memmap(f"{split}.audio.bin", np.int16)
         self._tokens = self._memmap(f"{split}.tokens.bin", np.uint16)
         self._rows = None
+        if len(self.index):  # rows are written back to back: the last one ends where the files end
+            last = self.index[-1]
+            if last["audio_offset"] + last["audio_len"] != len(self._audio) or last["token_offset"] + last["token_len"] != len(self._tokens):
+                raise ValueError(f"split {split!r} in {self.folder} does not match its index (a copy cut short?); run prepare.py again")
 
     def _memmap(self, name, dtype):
         path = self.folder / name
@@ -54,6 +110,17 @@ class PreparedSplit:
         """The full decoder token sequence of clip i, prompt and <|endoftext|> included."""
         row = self.index[i]
         return np.asarray(self._tokens[row["token_offset"]: row["token_offset"] + row["token_len"]], dtype=np.int64)
+
+    def batch(self, indices, n_samples=dw.N_SAMPLES):
+        """What a training step reads: the audio of clips `indices` as float32 (B, n_samples), each
+        zero-padded or trimmed to n_samples, and their token sequences (a list of int64 arrays)."""
+        rows = self.index[np.asarray(indices)]
+        audio = np.zeros((len(rows), n_samples), dtype=np.float32)
+        for b, (offset, n) in enumerate(zip(rows["audio_offset"], rows["audio_len"])):
+            n = min(int(n), n_samples)
+            np.multiply(self._audio[offset: offset + n], np.float32(1 / 32768), out=audio[b, :n])
+        tokens = [np.asarray(self._tokens[o: o + n], dtype=np.int64) for o, n in zip(rows["token_offset"], rows["token_len"])]
+        return audio, tokens
 
     def row(self, i):
         """id, text and language of clip i."""
@@ -75,39 +142,1109 @@ class PreparedSplit:
 # the format: writing
 
 
-class SplitWriter:
-    """Append clips to one split; `close()` renames the finished files into place, so that a
-    reader never sees a half-written split."""
+def to_int16(audio):
+    """float samples in [-1, 1] -> int16, on the scale soundfile reads 16-bit files with (x 32768)."""
+    return np.clip(np.round(np.asarray(audio, dtype=np.float32) * 32768.0), -32768, 32767).astype("<i2")
 
-    def __init__(self, folder, split):
+
+class SplitWriter:
+    """Append clips to one split, in files inside a work folder.
+
+    `sync()` makes what is written durable and `state()` then says how far the files go;
+    `SplitWriter(folder, split, work, state)` truncates them back to such a state, which is how an
+    interrupted run resumes. `close()` (= `finish()` then `publish()`) writes the index and renames
+    the files into `folder`, the index last: a reader never sees a half-written split."""
+
+    KINDS = ("audio.bin", "tokens.bin", "jsonl", "index.bin")
+
+    def __init__(self, folder, split, work=None, state=None):
         self.folder, self.split = Path(folder), split
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.tmp = {kind: self.folder / f"{split}.{kind}.tmp" for kind in ("audio.bin", "tokens.bin", "jsonl")}
-        self.files = {kind: open(path, "wb") for kind, path in self.tmp.items()}
-        self.rows = []
-        self.audio_offset = self.token_offset = 0
+        self.work = Path(work) if work is not None else self.folder / f".{split}.partial"
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = state or {"clips": 0, "samples": 0, "tokens": 0, "bytes": {kind: 0 for kind in self.KINDS}, "languages": {}}
+        self.clips, self.samples, self.n_tokens = state["clips"], state["samples"], state["tokens"]
+        self.languages = Counter(state["languages"])
+        self.files = {}
+        for kind in self.KINDS:
+            path, size = self.work / f"{split}.{kind}", state["bytes"][kind]
+            if path.exists() and path.stat().st_size >= size:
+                f = open(path, "r+b")
+            elif size == 0:
+                f = open(path, "w+b")
+            else:
+                raise PrepareError(f"{path} is shorter than the saved progress says; start again with --restart")
+            f.truncate(size)  # drop whatever was written after the last sync
+            f.seek(size)
+            self.files[kind] = f
 
     def add(self, audio, tokens, row):
-        """audio: float samples in [-1, 1] at 16 kHz; tokens: the full decoder sequence; row: a dict
-        with at least id and text."""
-        pcm = np.clip(np.round(np.asarray(audio, dtype=np.float32) * 32767.0), -32768, 32767).astype("<i2")
+        """audio: int16 samples, or float samples in [-1, 1], at 16 kHz; tokens: the full decoder
+        sequence; row: a dict with at least id and text."""
+        pcm = np.asarray(audio).astype("<i2", copy=False) if np.asarray(audio).dtype == np.int16 else to_int16(audio)
         toks = np.asarray(tokens, dtype="<u2")
+        entry = np.array([(self.samples, len(pcm), self.n_tokens, len(toks))], dtype=INDEX_DTYPE)
         self.files["audio.bin"].write(pcm.tobytes())
         self.files["tokens.bin"].write(toks.tobytes())
         self.files["jsonl"].write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.rows.append((self.audio_offset, len(pcm), self.token_offset, len(toks)))
-        self.audio_offset += len(pcm)
-        self.token_offset += len(toks)
+        self.files["index.bin"].write(entry.tobytes())
+        self.clips, self.samples, self.n_tokens = self.clips + 1, self.samples + len(pcm), self.n_tokens + len(toks)
+        self.languages[row.get("language")] += 1
 
-    def close(self):
+    def sync(self):
         for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
+
+    def state(self):
+        return {"clips": self.clips, "samples": self.samples, "tokens": self.n_tokens,
+                "bytes": {kind: f.tell() for kind, f in self.files.items()},
+                "languages": {k: v for k, v in self.languages.items() if k is not None}}
+
+    def summary(self):
+        return {"clips": self.clips, "hours": round(self.samples / dw.SAMPLE_RATE / 3600, 6), "samples": self.samples,
+                "tokens": self.n_tokens, "languages": self.state()["languages"]}
+
+    def finish(self):
+        """Sync, close, and turn the raw index into {split}.index.npy (still in the work folder)."""
+        self.sync()
+        for f in self.files.values():
             f.close()
-        index = np.array(self.rows, dtype=INDEX_DTYPE)
-        tmp_index = self.folder / f"{self.split}.index.tmp.npy"
-        np.save(tmp_index, index)
-        for kind, path in self.tmp.items():
-            os.replace(path, self.folder / f"{self.split}.{kind}")
-        os.replace(tmp_index, self.folder / f"{self.split}.index.npy")  # last: the index marks a complete split
-        return len(index), float(index["audio_len"].sum()) / 16000 / 3600 if len(index) else 0.0
+        raw = self.work / f"{self.split}.index.bin"
+        n = raw.stat().st_size // INDEX_DTYPE.itemsize
+        out = np.lib.format.open_memmap(self.work / f"{self.split}.index.npy", mode="w+", dtype=INDEX_DTYPE, shape=(n,))
+        if n:
+            out[:] = np.memmap(raw, dtype=INDEX_DTYPE, mode="r", shape=(n,))
+        out.flush()
+        del out  # the raw index stays until the work folder goes: a resume before publishing still finds it
+
+    def publish(self):
+        publish_split(self.work, self.folder, self.split)
+
+    def close(self):
+        self.finish()
+        self.publish()
+        (self.work / f"{self.split}.index.bin").unlink()
+        if not any(self.work.iterdir()):
+            self.work.rmdir()
+        return self.clips, self.samples / dw.SAMPLE_RATE / 3600
+
+
+def publish_split(work, folder, split):
+    """Rename a finished split from the work folder into place, its index last. Safe to repeat
+    after an interruption: what was moved already is not there any more."""
+    for kind in ("audio.bin", "tokens.bin", "jsonl", "index.npy"):
+        src = Path(work) / f"{split}.{kind}"
+        if src.exists():
+            with open(src, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(src, Path(folder) / f"{split}.{kind}")
+
+
+def write_json_atomic(path, obj):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+# audio, text, split
+
+
+def decode_audio(audio, start=0, frames=-1, max_seconds=None):
+    """16 kHz mono int16 samples of an audio file or of encoded bytes (wav, flac, ogg, mp3, ...), or
+    the name of the filter that drops them. 16 kHz input is read as int16 as it is (lossless);
+    other rates are read as floats and resampled with dualwhisper.resample."""
+    import soundfile as sf
+
+    if audio is None or (isinstance(audio, (str, os.PathLike)) and not os.path.isfile(audio)):
+        return "missing_audio"
+    try:
+        with sf.SoundFile(io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio) as f:
+            sr, channels = f.samplerate, f.channels
+            if max_seconds is not None and f.frames > max_seconds * sr:
+                return "too_long_audio"  # known from the header: no need to decode
+            if start:
+                f.seek(start)
+            data = f.read(frames, dtype="int16" if sr == dw.SAMPLE_RATE else "float32", always_2d=True)
+    except Exception:  # libsndfile reports bad data with several exception types
+        return "undecodable_audio"
+    if data.shape[0] == 0:
+        return "undecodable_audio"
+    if data.dtype == np.int16:
+        pcm = data[:, 0] if channels == 1 else (data.astype(np.int32).sum(axis=1) // channels).astype(np.int16)
+    else:
+        x = data[:, 0] if channels == 1 else data.mean(axis=1)
+        if not np.isfinite(x).all():
+            return "undecodable_audio"
+        pcm = to_int16(dw.resample(x, sr, dw.SAMPLE_RATE))
+    if max_seconds is not None and len(pcm) > max_seconds * dw.SAMPLE_RATE:
+        return "too_long_audio"
+    return np.ascontiguousarray(pcm, dtype="<i2")
+
+
+def _decode_chunk(jobs):
+    return [decode_audio(*job) for job in jobs]
+
+
+def _init_worker():
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already
+
+
+def split_of(utterance_id, val_fraction):
+    """'val' or 'train' from a hash of the utterance id alone: the same id lands in the same split
+    whatever else the dataset holds or in what order it comes."""
+    digest = hashlib.blake2b(str(utterance_id).encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2**64 < val_fraction else "train"
+
+
+def is_utf8(s):
+    try:
+        s.encode("utf-8")  # text read with errors="surrogateescape" holds lone surrogates where bytes were bad
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def resolve_tokenizer(name):
+    """(tokenizer, description, n_text_ctx) for --model: a checkpoint or tokenizer folder, an official
+    name or a hub id, found the way dualwhisper.load_model finds them but fetching the tokenizer files
+    only."""
+    path = Path(os.path.expanduser(str(name)))
+    if not path.exists():
+        hub_id = "openai/whisper-" + {"large": "large-v3", "turbo": "large-v3-turbo"}.get(name, name) if name in dw.OFFICIAL_NAMES else name
+        if hub_id.count("/") != 1 or hub_id.startswith((".", "/", "~")):
+            raise PrepareError(f"tokenizer folder not found: {name} (pass a model or tokenizer folder, an official name such as tiny.en, or a hub id)")
+        from huggingface_hub import snapshot_download
+
+        patterns = dw.TOKENIZER_FILES + ["config.json"]
+        try:
+            path = Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            try:
+                path = Path(snapshot_download(hub_id, allow_patterns=patterns))
+            except Exception as e:
+                raise PrepareError(f"cannot fetch the tokenizer of {hub_id} from the Hugging Face Hub ({str(e).strip()[:120] or type(e).__name__});"
+                                   f" pass a local folder, e.g. --model ../shared/models/whisper-tiny.en") from None
+    if not (path / "vocab.json").exists():
+        raise PrepareError(f"{path} holds no vocab.json: not a Whisper model or tokenizer folder")
+    cfg = read_json(path / "config.json") or {}
+    dims = cfg.get("dims", {}) if cfg.get("model_type") == "dualwhisper" else {}
+    n_vocab = dims.get("n_vocab", cfg.get("vocab_size", 51865))
+    n_text_ctx = dims.get("n_text_ctx", cfg.get("max_target_positions", 448))
+    tok = dw.Tokenizer.from_pretrained(path, n_vocab=n_vocab)
+    vocab_sha1 = hashlib.sha1((path / "vocab.json").read_bytes()).hexdigest()
+    info = {"name": str(name), "n_vocab": n_vocab, "multilingual": tok.multilingual, "vocab_sha1": vocab_sha1}
+    return tok, info, n_text_ctx
+
+
+class Transcripts:
+    """A row's text and language -> its full decoder token sequence, or the filter that drops it."""
+
+    def __init__(self, tok, language=None, task="transcribe", n_text_ctx=448):
+        self.tok, self.task, self.n_text_ctx = tok, task, n_text_ctx
+        if task not in ("transcribe", "translate"):
+            raise PrepareError(f"--task must be transcribe or translate, not {task!r}")
+        if not tok.multilingual and task == "translate":
+            raise PrepareError("an English-only tokenizer has no translate task; use a multilingual model's tokenizer")
+        self.language = self.code(language) if language else ("en" if not tok.multilingual else None)
+        if language and self.language is None:
+            raise PrepareError(f"the tokenizer has no token for language {language!r}"
+                               + ("" if tok.multilingual else " (it is English-only; pass a multilingual --model, e.g. ../shared/tokenizers/whisper-multilingual)"))
+        self.prompts = {}
+
+    def code(self, language):
+        """The language code the tokenizer knows, or None."""
+        try:
+            code = self.tok.to_language_code(str(language).strip())
+        except ValueError:
+            return None
+        return code if self.tok.multilingual or code == "en" else None
+
+    def __call__(self, text, language=None):
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bad_text"
+        if text is not None and not isinstance(text, str):
+            text = str(text)
+        if text is not None and not is_utf8(text):
+            return "bad_text"
+        text = " ".join((text or "").split())
+        if not text:
+            return "empty_text"
+        code = self.code(language) if language else self.language
+        if code is None:
+            return "unsupported_language"
+        if code not in self.prompts:
+            self.prompts[code] = self.tok.sot_sequence(code, self.task) + [self.tok.no_timestamps]
+        tokens = self.prompts[code] + self.tok.encode(" " + text) + [self.tok.eot]  # Whisper's transcripts start with a space
+        if len(tokens) > self.n_text_ctx:
+            return "too_long_text"
+        return {"tokens": tokens, "text": text, "language": code}
+
+
+# -----------------------------------------------------------------------------
+# sources: each yields (cursor, item) in a fixed order; `items(cursor)` starts after that cursor.
+# An item is a dict with id, audio (a path or encoded bytes), text, language, and maybe error
+# (the filter that drops it); (cursor, None) only moves the cursor on.
+
+PATH_COLUMNS = ("path", "audio", "file", "audio_filepath", "filename")
+TEXT_COLUMNS = ("text", "sentence", "transcript", "transcription")
+LANGUAGE_COLUMNS = ("language", "lang", "locale")
+
+
+def _sha1_of_file(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _audio_files(folder):
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in files if f.lower().endswith(AUDIO_SUFFIXES)]
+    return sorted(Path(p).relative_to(folder).as_posix() for p in out)
+
+
+class LocalSource:
+    """A folder of audio files with a manifest (a JSON list, JSON lines, CSV or TSV with columns path,
+    text and optionally language and id; paths relative to the manifest), or a .txt transcript beside
+    each audio file. `path` is the folder or the manifest itself."""
+
+    def __init__(self, path):
+        path = Path(path).expanduser()
+        if path.is_dir():
+            manifests = sorted(p for p in path.iterdir() if p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file())
+            if len(manifests) > 1:
+                raise PrepareError(f"{path} holds several manifests ({', '.join(p.name for p in manifests)}); pass the one to use as --input")
+            self.manifest = manifests[0] if manifests else None
+            self.root = path
+        elif path.is_file():
+            if path.suffix.lower() not in MANIFEST_SUFFIXES:
+                raise PrepareError(f"{path} is not a manifest: expected a folder or a .json, .jsonl, .csv or .tsv file")
+            self.manifest, self.root = path, path.parent
+        else:
+            raise PrepareError(f"input not found: {path}")
+        self.has_language = False
+        if self.manifest is not None:
+            self.description = str(self.manifest)
+            self.signature = {"manifest": str(self.manifest.resolve()), "sha1": _sha1_of_file(self.manifest)}
+            self.columns = self._columns()
+            self.has_language = self.columns["language"] is not None
+        else:
+            self.files = _audio_files(self.root)
+            if not self.files:
+                raise PrepareError(f"{self.root} holds no audio files ({', '.join(AUDIO_SUFFIXES)}) and no manifest")
+            self.description = f"{self.root} (.txt beside each audio file)"
+            self.signature = {"folder": str(self.root.resolve()), "files": hashlib.sha1("\n".join(self.files).encode("utf-8", "surrogateescape")).hexdigest()}
+        self.note = ""
+
+    def _rows(self):
+        """The manifest's rows as dicts, None for a row that cannot be read."""
+        suffix = self.manifest.suffix.lower()
+        with open(self.manifest, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            if suffix == ".jsonl":
+                for line in f:
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:
+                            row = None
+                        yield row if isinstance(row, dict) else None
+            elif suffix == ".json":
+                try:
+                    rows = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{self.manifest} is not valid JSON ({e})") from None
+                if not isinstance(rows, list):
+                    raise PrepareError(f"{self.manifest} holds a JSON {type(rows).__name__}; expected a list of objects with path and text")
+                for row in rows:
+                    yield row if isinstance(row, dict) else None
+            else:
+                for row in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","):
+                    yield None if None in row or None in row.values() else row  # too many or too few fields
+
+    def _columns(self):
+        if self.manifest.suffix.lower() in (".csv", ".tsv"):
+            with open(self.manifest, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                names = next(csv.reader(f, delimiter="\t" if self.manifest.suffix.lower() == ".tsv" else ","), [])
+        else:
+            first = next((row for row in self._rows() if row is not None), None)
+            if first is None:
+                raise PrepareError(f"{self.manifest} holds no rows")
+            names = list(first)
+
+        def pick(candidates, what):
+            found = [c for c in candidates if c in names]
+            if not found and what:
+                raise PrepareError(f"{self.manifest} has no {what} column (columns: {', '.join(map(str, names)) or 'none'};"
+                                   f" expected one of {', '.join(candidates)})")
+            return found[0] if found else None
+
+        return {"path": pick(PATH_COLUMNS, "audio path"), "text": pick(TEXT_COLUMNS, "transcript"),
+                "language": pick(LANGUAGE_COLUMNS, None), "id": "id" if "id" in names else None}
+
+    def items(self, cursor=None, work=None):
+        start = cursor or 0
+        rows = self._manifest_items() if self.manifest is not None else self._txt_items()
+        for i, item in enumerate(rows):
+            if i >= start:
+                yield i + 1, item
+
+    def _manifest_items(self):
+        c = self.columns
+        for n, row in enumerate(self._rows()):
+            if row is None or row.get(c["path"]) in (None, "") or c["text"] not in row:
+                yield {"id": f"row{n}", "error": "bad_row"}
+                continue
+            rel = str(row[c["path"]])
+            path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
+            uid = row.get(c["id"]) if c["id"] and row.get(c["id"]) not in (None, "") else Path(rel).with_suffix("").as_posix()
+            yield {"id": str(uid), "audio": path, "text": row[c["text"]], "language": row.get(c["language"]) if c["language"] else None}
+
+    def _txt_items(self):
+        for rel in self.files:
+            path = self.root / rel
+            item = {"id": Path(rel).with_suffix("").as_posix(), "audio": str(path)}
+            try:
+                item["text"] = path.with_suffix(".txt").read_bytes()  # decoded (or rejected) with the other texts
+            except FileNotFoundError:
+                item["error"] = "missing_text"
+            yield item
+
+
+class ParquetSource:
+    """Parquet shards of a Hugging Face dataset (an `audio` column of {bytes, path} structs or raw
+    bytes, a text column), from a local folder or from the hub, one shard at a time: a hub shard is
+    downloaded into the work folder (the next one while this one is processed) and deleted once read."""
+
+    def __init__(self, name, split="train", audio_column="audio", text_column="text", id_column=None,
+                 language_column=None, revision=None):
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise PrepareError("reading parquet shards needs pyarrow: pip install pyarrow") from None
+        self.name, self.split, self.revision = name, split, revision
+        self.columns = {"audio": audio_column, "text": text_column, "id": id_column, "language": language_column}
+        self.has_language = language_column is not None
+        local = Path(name).expanduser()
+        if local.is_dir():
+            self.local = local
+            files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*.parquet"))
+            sizes = {f: (local / f).stat().st_size for f in files}
+        elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            self.local = None
+            from huggingface_hub import HfApi
+
+            try:
+                info = HfApi().dataset_info(name, revision=revision)
+            except Exception as e:
+                raise PrepareError(f"cannot list the files of dataset {name} on the Hugging Face Hub ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})") from None
+            self.revision = info.sha
+            files = sorted(s.rfilename for s in info.siblings if s.rfilename.endswith(".parquet"))
+            sizes = {}
+        else:
+            raise PrepareError(f"--hf_dataset {name}: no such folder, and not a hub id like LocalDoc/azerbaijani_asr")
+        self.files = [f for f in files if split in re.split(r"[/._-]", f)]
+        if not self.files:
+            raise PrepareError(f"no parquet shards of split {split!r} in {name} (found: {', '.join(files[:5]) or 'none'}); pass --hf_split")
+        self.description = f"{name} split {split}" + (f" at {self.revision}" if self.revision else "")
+        self.signature = {"dataset": str(local.resolve()) if self.local else name, "revision": self.revision,
+                          "files": [[f, sizes.get(f)] for f in self.files], "columns": self.columns}
+        self.note = ""
+        if self.local:
+            self._open(self.local / self.files[0], self.files[0])  # wrong column names fail now, before any work
+
+    def _open(self, path, shard):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise PrepareError(f"shard {shard} is not a readable parquet file ({str(e).strip()[:120]}); download it again") from None
+        schema = pf.schema_arrow
+        for role in ("audio", "text"):
+            if self.columns[role] not in schema.names:
+                raise PrepareError(f"shard {shard} has no column {self.columns[role]!r} (columns: {', '.join(schema.names)});"
+                                   f" pass --hf_{role}_column")
+        for role in ("id", "language"):
+            if self.columns[role] is not None and self.columns[role] not in schema.names:
+                raise PrepareError(f"shard {shard} has no column {self.columns[role]!r} (columns: {', '.join(schema.names)})")
+        kind = schema.field(self.columns["audio"]).type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+            raise PrepareError(f"column {self.columns['audio']!r} of shard {shard} holds {kind}, not audio bytes ({{bytes, path}} structs or binary)")
+        return pf
+
+    def _fetch(self, i, work):
+        if self.local:
+            return self.local / self.files[i]
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.name, self.files[i], repo_type="dataset", revision=self.revision, local_dir=Path(work) / "shards"))
+        except Exception as e:
+            raise PrepareError(f"cannot download {self.files[i]} of {self.name} ({str(e).strip()[:120] or type(e).__name__}); "
+                               "run the same command again to resume") from None
+
+    def items(self, cursor=None, work=None):
+        import pyarrow as pa
+
+        shard0, skip = cursor or (0, 0)
+        with ThreadPoolExecutor(1) as fetcher:
+            nxt = fetcher.submit(self._fetch, shard0, work) if shard0 < len(self.files) else None
+            for i in range(shard0, len(self.files)):
+                path = nxt.result()
+                nxt = fetcher.submit(self._fetch, i + 1, work) if i + 1 < len(self.files) else None
+                self.note = f" | shard {i + 1}/{len(self.files)}"
+                pf = self._open(path, self.files[i])
+                row, groups = 0, []
+                for g in range(pf.num_row_groups):  # skip whole row groups that were done before
+                    n = pf.metadata.row_group(g).num_rows
+                    if row + n <= (skip if i == shard0 else 0):
+                        row += n
+                    else:
+                        groups.append(g)
+                cols = [c for c in self.columns.values() if c is not None]
+                for batch in (pf.iter_batches(batch_size=32, row_groups=groups, columns=cols) if groups else []):
+                    audio = batch.column(self.columns["audio"])
+                    if pa.types.is_struct(audio.type):
+                        audio = audio.field("bytes")
+                    audio, texts = audio.to_pylist(), batch.column(self.columns["text"]).to_pylist()
+                    ids = batch.column(self.columns["id"]).to_pylist() if self.columns["id"] else None
+                    langs = batch.column(self.columns["language"]).to_pylist() if self.columns["language"] else None
+                    for j in range(batch.num_rows):
+                        if i == shard0 and row < skip:
+                            row += 1
+                            continue
+                        uid = ids[j] if ids and ids[j] not in (None, "") else f"{Path(self.files[i]).stem}/{row}"
+                        item = {"id": str(uid), "audio": audio[j], "text": texts[j], "language": langs[j] if langs else None}
+                        row += 1
+                        yield (i, row), item
+                del pf
+                if not self.local:
+                    Path(path).unlink(missing_ok=True)  # this shard is read; its clips are written soon after
+                yield (i + 1, 0), None
+
+
+class NoiseSource:
+    """Every audio file under a folder, cut into pieces of at most NOISE_SEGMENT_SECONDS (a last
+    piece under a second is dropped), for the noise bank."""
+
+    def __init__(self, folder):
+        self.root = Path(folder).expanduser()
+        if not self.root.is_dir():
+            raise PrepareError(f"noise folder not found: {self.root}")
+        self.files = _audio_files(self.root)
+        if not self.files:
+            raise PrepareError(f"{self.root} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+        self.description = str(self.root)
+        self.signature = {"folder": str(self.root.resolve()), "files": hashlib.sha1("\n".join(self.files).encode("utf-8", "surrogateescape")).hexdigest()}
+        self.note = ""
+
+    def items(self, cursor=None, work=None):
+        import soundfile as sf
+
+        file0, seg0 = cursor or (0, 0)
+        for i in range(file0, len(self.files)):
+            path = str(self.root / self.files[i])
+            try:
+                info = sf.info(path)
+                seg = NOISE_SEGMENT_SECONDS * info.samplerate
+                n = max(1, info.frames // seg + int(info.frames % seg >= info.samplerate))
+            except Exception:
+                yield (i + 1, 0), {"id": self.files[i], "error": "undecodable_audio"}
+                continue
+            for k in range(seg0 if i == file0 else 0, n):
+                item = {"id": f"{self.files[i]}#{k}", "audio": path, "start": k * seg, "frames": seg, "text": "", "language": None}
+                yield ((i, k + 1) if k + 1 < n else (i + 1, 0)), item
+
+
+# -----------------------------------------------------------------------------
+# the job: source -> filters -> splits, streaming, resumable
+
+
+def _decoded(entries, workers, max_seconds, chunk=16):
+    """(cursor, item, label, audio) for each (cursor, item, label), in order; audio is int16 samples,
+    a filter name, or None where the label already dropped the row. With workers > 0 audio is decoded
+    in a process pool, at most about 2 * workers chunks in flight, so memory stays bounded."""
+
+    def job(item):
+        return (item["audio"], item.get("start", 0), item.get("frames", -1), max_seconds)
+
+    def wanted(entry):
+        return entry[1] is not None and isinstance(entry[2], dict)
+
+    if workers <= 0:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # short clips: threads cost more than they give, and on a busy machine far more
+        try:
+            for entry in entries:
+                yield entry + (decode_audio(*job(entry[1])) if wanted(entry) else None,)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(workers, initializer=_init_worker) as pool:
+        pending = deque()
+
+        def submit(batch):
+            pending.append((batch, pool.apply_async(_decode_chunk, ([job(e[1]) for e in batch if wanted(e)],))))
+
+        def drain():
+            batch, result = pending.popleft()
+            decoded = iter(result.get())
+            for e in batch:
+                yield e + (next(decoded) if wanted(e) else None,)
+
+        batch = []
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) == chunk:
+                submit(batch)
+                batch = []
+                while len(pending) > 2 * workers:
+                    yield from drain()
+        if batch:
+            submit(batch)
+        while pending:
+            yield from drain()
+
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, a new line every 10 s otherwise."""
+
+    def __init__(self, job):
+        self.job, self.tty = job, sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+
+    def show(self, counts, samples, note="", final=False):
+        now = time.monotonic()
+        if not final and now - self.last < (0.5 if self.tty else 10):
+            return
+        self.last = now
+        hours, elapsed = samples / dw.SAMPLE_RATE / 3600, max(now - self.start, 1e-9)
+        line = (f"{self.job}: {counts['seen']} rows, {counts['kept']} kept ({hours:.2f} h), {counts['seen'] - counts['kept']} dropped,"
+                f" {samples / dw.SAMPLE_RATE / elapsed:.0f}x real time{note}")
+        print(("\r" + line + "\033[K") if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+
+
+class _Lock:
+    """An exclusive lock on an output folder, so that two runs never write into one folder."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".prepare.lock"
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        try:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass  # no fcntl (Windows): no lock
+        except OSError:
+            self.file.close()
+            raise PrepareError(f"another prepare.py is writing into {self.path.parent}; wait for it to finish") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def run_job(out, job, source, splits, label, route, settings, workers=2, max_seconds=None, restart=False,
+            checkpoint_every=5.0, log=log):
+    """Prepare `source` into `splits` of folder `out`, resuming an interrupted run of the same job.
+    label(item) -> {tokens, text, language} or a filter name; route(item) -> split name. Returns
+    the job's entry of meta.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / f".prepare-{job}"
+    fingerprint = hashlib.sha1(json.dumps({"format": FORMAT_VERSION, "job": job, "source": source.signature, "settings": settings},
+                                          sort_keys=True).encode()).hexdigest()
+    with _Lock(out):
+        if restart:
+            shutil.rmtree(work, ignore_errors=True)
+        state = read_json(work / "state.json")
+        if state is not None and state["fingerprint"] != fingerprint:
+            if state["cursor"] is not None:
+                raise PrepareError(f"{out} holds an unfinished preparation of another source or other settings ({work.name});"
+                                   " run that command again to finish it, or add --restart to discard it")
+            state = None  # it had written nothing yet
+        meta = read_json(out / "meta.json") or {}
+        if state is None:
+            done = meta.get("jobs", {}).get(job, {})
+            if done.get("fingerprint") == fingerprint and all((out / f"{s}.index.npy").exists() for s in splits):
+                log(f"{job}: {out} is prepared already ({done['kept']} clips); add --restart to prepare it again")
+                return done
+            shutil.rmtree(work, ignore_errors=True)
+            state = {"fingerprint": fingerprint, "cursor": None, "counts": {}, "splits": {}, "finished": False, "seconds": 0.0}
+        elif not state["finished"]:
+            log(f"{job}: resuming after {state['counts'].get('seen', 0)} rows ({state['counts'].get('kept', 0)} kept)")
+        work.mkdir(parents=True, exist_ok=True)
+        counts = Counter(state["counts"])
+        counts.update({"seen": 0, "kept": 0})  # present even when zero
+
+        if not state["finished"]:
+            writers = {s: SplitWriter(out, s, work, state["splits"].get(s)) for s in splits}
+
+            def save():
+                for w in writers.values():
+                    w.sync()
+                state.update(cursor=cursor, counts=dict(counts), splits={s: w.state() for s, w in writers.items()},
+                             seconds=state["seconds"] + time.monotonic() - t_saved)
+                write_json_atomic(work / "state.json", state)
+
+            cursor, t_saved, progress = state["cursor"], time.monotonic(), Progress(job)
+            labelled = ((c, item, (item.get("error") or label(item)) if item is not None else None)
+                        for c, item in source.items(state["cursor"], work))
+            for cursor, item, lab, audio in _decoded(labelled, workers, max_seconds):
+                if item is not None:
+                    counts["seen"] += 1
+                    reason = lab if isinstance(lab, str) else audio if isinstance(audio, str) else None
+                    if reason:
+                        counts[reason] += 1
+                    else:
+                        writers[route(item)].add(audio, lab["tokens"], {"id": item["id"], "text": lab["text"], "language": lab["language"]})
+                        counts["kept"] += 1
+                if time.monotonic() - t_saved >= checkpoint_every:
+                    save()
+                    t_saved = time.monotonic()
+                progress.show(counts, sum(w.samples for w in writers.values()), source.note)
+            progress.show(counts, sum(w.samples for w in writers.values()), final=True)
+            save()
+            for w in writers.values():
+                w.finish()
+            state["finished"] = True
+            write_json_atomic(work / "state.json", state)
+
+        # publish: the splits (each index last), then meta.json, then the work folder goes
+        for s in splits:
+            publish_split(work, out, s)
+        summaries = {s: state["splits"][s] for s in splits}
+        meta.update(format_version=FORMAT_VERSION, sample_rate=dw.SAMPLE_RATE)
+        for s, st in summaries.items():
+            meta.setdefault("splits", {})[s] = {"clips": st["clips"], "hours": round(st["samples"] / dw.SAMPLE_RATE / 3600, 6),
+                                                "samples": st["samples"], "tokens": st["tokens"], "languages": st["languages"]}
+        dropped = {k: v for k, v in counts.items() if k in FILTERS and v}
+        entry = {"source": source.description, "splits": list(splits), **settings, "seen": counts["seen"], "kept": counts["kept"],
+                 "dropped": dropped, "seconds": round(state["seconds"], 3), "fingerprint": fingerprint}
+        meta.setdefault("jobs", {})[job] = entry
+        if "tokenizer" in settings:
+            meta["tokenizer"] = settings["tokenizer"]
+        write_json_atomic(out / "meta.json", meta)
+        shutil.rmtree(work, ignore_errors=True)
+
+    hours = sum(st["samples"] for st in summaries.values()) / dw.SAMPLE_RATE / 3600
+    clips = ", ".join(f"{s} {st['clips']}" for s, st in summaries.items())
+    rate = hours * 3600 / max(state["seconds"], 1e-9)
+    log(f"{job}: {counts['seen']} rows seen, {counts['kept']} kept ({clips}; {hours:.3f} h), {counts['seen'] - counts['kept']} dropped"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")" if dropped else "")
+        + f"; {state['seconds']:.1f} s, {rate:.0f}x real time -> {out}")
+    return entry
+
+
+def prepare_speech(out, source, model=DEFAULT_MODEL, language=None, task="transcribe", val_fraction=0.02,
+                   max_seconds=dw.CHUNK_LENGTH, workers=2, restart=False, checkpoint_every=5.0, log=log):
+    """Speech rows of `source` -> splits train and val of `out`, tokenized with the tokenizer of `model`."""
+    if not 0 <= val_fraction <= 1:
+        raise PrepareError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
+    tok, tok_info, n_text_ctx = resolve_tokenizer(model)
+    transcripts = Transcripts(tok, language, task, n_text_ctx)
+    if transcripts.language is None and not source.has_language:
+        raise PrepareError("a multilingual tokenizer needs each clip's language: pass --language (e.g. az) or give a language column")
+    settings = {"tokenizer": tok_info, "language": transcripts.language, "task": task, "val_fraction": val_fraction,
+                "max_seconds": max_seconds, "n_text_ctx": n_text_ctx}
+    return run_job(out, "speech", source, ("train", "val"), lambda item: transcripts(item.get("text"), item.get("language")),
+                   lambda item: split_of(item["id"], val_fraction), settings, workers, max_seconds, restart, checkpoint_every, log)
+
+
+def prepare_noise(out, folder, workers=2, restart=False, checkpoint_every=5.0, log=log):
+    """Every recording under `folder` -> split noise of `out` (no tokens)."""
+    return run_job(out, "noise", NoiseSource(folder), ("noise",), lambda item: {"tokens": [], "text": "", "language": None},
+                   lambda item: "noise", {"segment_seconds": NOISE_SEGMENT_SECONDS}, workers, None, restart, checkpoint_every, log)
+
+
+# -----------------------------------------------------------------------------
+# the demo: a small spoken corpus synthesised with espeak-ng, and a noise bank
+
+
+DEMO_VOICES = {"en": ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"], "az": ["az"]}
+DEMO_VAL_FRACTION = 0.1
+DEMO_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
+
+
+def make_demo_source(folder, languages, n_sentences=None, val_fraction=0.1, workers=2, log=log):
+    """Speak the demo sentences of `languages` with espeak-ng (a voice, variant, speed and pitch drawn
+    per sentence) into folder/{language}/*.wav with folder/metadata.csv, and write a noise bank of
+    coloured noise, mains hum and babble into folder/noise. Files that exist are kept."""
+    if shutil.which("espeak-ng") is None:
+        raise PrepareError("--demo needs espeak-ng (apt-get install espeak-ng, brew install espeak-ng)")
+    folder = Path(folder)
+    rows, todo = [], []
+    for lang in languages:
+        (folder / lang).mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(DEMO_SENTENCES[lang][:n_sentences]):
+            rng = random.Random(f"{lang}-{i}")
+            voice = f"{rng.choice(DEMO_VOICES[lang])}+{rng.choice(DEMO_VARIANTS)}"
+            uid, rel = f"{lang}-{i:03d}", f"{lang}/{lang}-{i:03d}.wav"
+            rows.append({"id": uid, "path": rel, "text": text, "language": lang})
+            if not (folder / rel).exists():
+                todo.append((folder / rel, ["-v", voice, "-s", str(rng.randint(135, 185)), "-p", str(rng.randint(25, 75))], text))
+
+    def speak(job):
+        path, options, text = job
+        tmp = path.with_name(path.stem + ".tmp.wav")
+        result = subprocess.run(["espeak-ng", *options, "-w", str(tmp), text], capture_output=True, text=True)
+        if result.returncode != 0 or not tmp.exists():
+            raise PrepareError(f"espeak-ng failed on {text!r}: {result.stderr.strip()[:200]}")
+        os.replace(tmp, path)
+
+    if todo:
+        log(f"demo: speaking {len(todo)} sentences with espeak-ng")
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(speak, todo))
+    manifest = folder / "metadata.csv"
+    tmp = manifest.with_name("metadata.csv.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "path", "text", "language"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, manifest)
+    # babble only from clips of the train split, so that no validation sentence is heard in training
+    make_demo_noise(folder / "noise", [folder / r["path"] for r in rows if split_of(r["id"], val_fraction) == "train"])
+    return manifest, folder / "noise"
+
+
+def make_demo_noise(folder, speech_files, seconds=40, seed=0):
+    """White, pink and brown noise, a 50 Hz mains hum and two babbles of the given speech clips."""
+    import soundfile as sf
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n, g = seconds * dw.SAMPLE_RATE, torch.Generator().manual_seed(seed)
+    noises = {colour: dw.coloured_noise((n,), colour, generator=g).numpy() for colour in ("white", "pink", "brown")}
+    t = np.arange(n) / dw.SAMPLE_RATE
+    noises["hum"] = sum(np.sin(2 * np.pi * 50 * k * t + k) / k for k in range(1, 8)) + 0.05 * noises["white"]
+    clips = [dw.load_audio(p) for p in speech_files[:24]]
+    if len(clips) >= 2:
+        rng = np.random.default_rng(seed)
+        talkers = np.zeros((len(clips), n), dtype=np.float32)
+        for row in range(len(clips)):  # each row: a stream of clips one after another, from a random start
+            stream = np.concatenate([clips[j] for j in rng.permutation(len(clips))] * (1 + n // sum(map(len, clips))))
+            talkers[row] = stream[:n]
+        babble = dw.babble(torch.from_numpy(talkers), n_talkers=min(5, len(clips) - 1), generator=g).numpy()
+        noises["babble1"], noises["babble2"] = babble[0], babble[1]
+    for name, x in noises.items():
+        path = folder / f"{name}.wav"
+        if not path.exists():
+            sf.write(folder / f"{name}.tmp.wav", 0.5 * x / np.abs(x).max(), dw.SAMPLE_RATE, subtype="PCM_16")
+            os.replace(folder / f"{name}.tmp.wav", path)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_argument_group("sources (one speech source, and/or --noise_dir)")
+    src.add_argument("--input", help="a folder of audio files with one manifest (JSON list, JSON lines, CSV, TSV: path, text, "
+                                     "optional language, id) or a .txt transcript beside each file; or the manifest itself")
+    src.add_argument("--hf_dataset", help="a Hugging Face dataset id (e.g. LocalDoc/azerbaijani_asr) or a local folder of its parquet shards")
+    src.add_argument("--hf_split", default="train", help="which shards: those whose path names this split")
+    src.add_argument("--hf_audio_column", default="audio", help="column of encoded audio ({bytes, path} structs or bytes)")
+    src.add_argument("--hf_text_column", default="text", help="column of transcripts")
+    src.add_argument("--hf_id_column", default=None, help="column of utterance ids (default: shard name and row)")
+    src.add_argument("--hf_language_column", default=None, help="column of per-row languages (default: --language for all)")
+    src.add_argument("--hf_revision", default=None, help="dataset revision on the hub (default: the latest, pinned for a resume)")
+    src.add_argument("--noise_dir", help="a folder of noise recordings: prepared into split 'noise' for augmentation")
+    src.add_argument("--demo", action="store_true", help="synthesise a small English (and, with a multilingual --model, Azerbaijani) "
+                                                         "corpus and noise bank with espeak-ng and prepare them (default --out data/demo)")
+    src.add_argument("--demo_sentences", type=int, default=None, help="speak only the first N demo sentences of each language")
+    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--model", "--tokenizer", dest="model", default=DEFAULT_MODEL,
+                        help="the model whose tokenizer to use: a folder, an official name (tiny.en, small) or a hub id")
+    parser.add_argument("--language", default=None, help="language of every clip without its own (code or name, e.g. az); "
+                                                         "English for an English-only tokenizer")
+    parser.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    parser.add_argument("--val_fraction", type=float, default=None, help="fraction of utterance ids for validation, chosen by hash "
+                                                                          f"(default 0.02; {DEMO_VAL_FRACTION} for --demo)")
+    parser.add_argument("--max_seconds", type=float, default=dw.CHUNK_LENGTH, help="drop clips longer than this")
+    parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="audio decoding processes (0: in this process)")
+    parser.add_argument("--restart", action="store_true", help="discard an unfinished or finished earlier run and prepare again")
+    parser.add_argument("--checkpoint_every", type=float, default=5.0, help="seconds between saves of the progress")
+    args = parser.parse_args(argv)
+
+    try:
+        if sum(map(bool, (args.input, args.hf_dataset, args.demo))) > 1:
+            raise PrepareError("give one speech source: --input, --hf_dataset or --demo")
+        if not (args.input or args.hf_dataset or args.demo or args.noise_dir):
+            raise PrepareError("nothing to prepare: give --input, --hf_dataset, --noise_dir or --demo (see --help)")
+        out = args.out or ("data/demo" if args.demo else None)
+        if out is None:
+            raise PrepareError("--out is required: the folder to write the prepared data into")
+        common = dict(workers=args.workers, restart=args.restart, checkpoint_every=args.checkpoint_every)
+        speech = dict(model=args.model, language=args.language, task=args.task, max_seconds=args.max_seconds,
+                      val_fraction=args.val_fraction if args.val_fraction is not None else (DEMO_VAL_FRACTION if args.demo else 0.02))
+        t0 = time.monotonic()
+        if args.demo:
+            tok, _, _ = resolve_tokenizer(args.model)
+            languages = ["en", "az"] if tok.multilingual else ["en"]
+            if args.language:
+                languages = [Transcripts(tok, args.language).language]
+            manifest, noise = make_demo_source(Path(out) / "source", languages, args.demo_sentences, speech["val_fraction"], args.workers)
+            prepare_speech(out, LocalSource(manifest), **speech, **common)
+            prepare_noise(out, args.noise_dir or noise, **common)
+        else:
+            if args.input or args.hf_dataset:
+                source = LocalSource(args.input) if args.input else ParquetSource(
+                    args.hf_dataset, args.hf_split, args.hf_audio_column, args.hf_text_column, args.hf_id_column,
+                    args.hf_language_column, args.hf_revision)
+                prepare_speech(out, source, **speech, **common)
+            if args.noise_dir:
+                prepare_noise(out, args.noise_dir, **common)
+        print(f"done in {time.monotonic() - t0:.1f} s: {out} (read it with prepare.PreparedSplit)")
+    except PrepareError as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nprepare.py: interrupted; run the same command again to go on from the last save", file=sys.stderr)
+        return 130
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# the demo sentences (written for this project)
+
+DEMO_SENTENCES = {"en": """\
+The weather is warm and sunny today.
+Please close the window before you leave.
+My brother works at a small bakery downtown.
+We are going to the museum on Saturday.
+She reads the newspaper every morning with her coffee.
+The train to the city leaves at seven thirty.
+Can you help me carry these boxes upstairs?
+The children played football in the park until dark.
+I forgot my umbrella at the office yesterday.
+This soup needs a little more salt and pepper.
+The library closes early on Sundays.
+He planted tomatoes and beans in the garden.
+Our neighbours have a very friendly black dog.
+Turn left at the next traffic light.
+The meeting has been moved to Thursday afternoon.
+She speaks three languages fluently.
+We watched an old movie about a sailor and his ship.
+The river flows slowly through the green valley.
+Do you know where the nearest pharmacy is?
+I would like a cup of tea with lemon, please.
+The price of bread went up again this month.
+My grandmother tells wonderful stories about her childhood.
+The bus was crowded, so we decided to walk.
+They built a new bridge across the river last year.
+Please write your name at the top of the page.
+The concert starts at eight o'clock in the evening.
+He fixed the bicycle with a few simple tools.
+Snow covered the mountains during the night.
+We need to buy milk, eggs and some fresh fruit.
+The doctor said I should rest for a few days.
+A small bird was singing outside my window.
+The students finished their exams on Friday.
+It takes about twenty minutes to get to the airport.
+She painted the kitchen a bright shade of yellow.
+The shop on the corner sells fresh flowers.
+I can hear the sound of the sea from here.
+Our flight was delayed because of the storm.
+He always wakes up before the sun rises.
+The team celebrated their victory with a big dinner.
+Could you speak a little more slowly, please?
+The old castle stands on top of the hill.
+My phone battery is almost empty.
+We planted an apple tree in the back yard.
+The teacher explained the problem very clearly.
+There are seven days in a week and twelve months in a year.
+The cat is sleeping on the warm windowsill.
+Let's meet in front of the cinema at six.
+The farmer sells vegetables at the market every week.
+I have never seen such a beautiful sunset.
+The kettle is boiling, so the tea will be ready soon.
+He lost his keys somewhere in the garden.
+Reading before bed helps me relax.
+The new road will connect the two villages.
+Please turn off the lights when you leave the room.
+The museum has a large collection of old coins.
+We spent the whole afternoon walking along the beach.
+The baby laughed when the dog licked her hand.
+Fresh water is important for every living thing.
+The wind was so strong that it broke a branch.
+I usually cook dinner for my family on weekends.
+The hotel room had a view of the harbour.
+My friend sent me a letter from Canada.
+The engineer checked every part of the machine.
+Winter evenings are long and quiet in the village.
+She found an old photograph in the drawer.
+The clock on the wall is ten minutes fast.
+We should leave early to avoid the traffic.
+The orchestra played a piece by a famous composer.
+He drinks a glass of water after his morning run.
+The market is busy on Saturday mornings.
+The pilot announced that we would land soon.
+I borrowed two books from the library.
+The garden looks lovely after the rain.
+They are painting the fence around the school.
+My uncle grows grapes and makes his own juice.
+The post office is next to the bank.
+Please remember to water the plants on Monday.
+The fishermen returned with a large catch.
+A cold wind blew from the north all day.
+She learned to play the piano when she was six.
+The bakery opens at six in the morning.
+We counted the stars from the roof of the house.
+The mechanic said the car needs new tyres.
+Honey is made by bees from the nectar of flowers.
+The streets were empty on the holiday morning.
+He wrote the answer on the blackboard.
+Our team meets every Tuesday to plan the week.
+The lake freezes in the middle of winter.
+I prefer green tea to black coffee.
+The museum guide spoke about the history of the city.
+A loud noise woke everyone in the building.
+She packed sandwiches and apples for the trip.
+The road to the village is narrow and steep.
+They moved to a bigger apartment last spring.
+Please send me the report by the end of the day.
+The moon was bright and full last night.
+My sister is studying medicine at the university.
+The waiter brought us two bowls of hot soup.
+The computer restarted after the update.
+Thank you very much for your kind help.
+""".splitlines(), "az": """\
+Bu gün hava isti və günəşlidir.
+Zəhmət olmasa, pəncərəni bağlayın.
+Qardaşım şəhərin mərkəzində kiçik bir çörəkxanada işləyir.
+Şənbə günü muzeyə gedəcəyik.
+O, hər səhər qəhvə içərək qəzet oxuyur.
+Şəhərə gedən qatar saat yeddi otuzda yola düşür.
+Bu qutuları yuxarı qaldırmağa kömək edə bilərsən?
+Uşaqlar qaranlıq düşənə qədər parkda futbol oynadılar.
+Dünən çətirimi ofisdə unutdum.
+Bu şorbaya bir az da duz və istiot lazımdır.
+Kitabxana bazar günləri tez bağlanır.
+O, bağda pomidor və lobya əkdi.
+Qonşularımızın çox mehriban qara bir iti var.
+Növbəti işıqforda sola dönün.
+İclas cümə axşamı günortadan sonraya keçirildi.
+O, üç dildə sərbəst danışır.
+Bakı Azərbaycanın paytaxtıdır.
+Xəzər dənizi dünyanın ən böyük gölüdür.
+Ən yaxın aptek haradadır, bilirsinizmi?
+Mənə limonlu bir stəkan çay verin, zəhmət olmasa.
+Bu ay çörəyin qiyməti yenə qalxdı.
+Nənəm uşaqlığı haqqında gözəl hekayələr danışır.
+Avtobus dolu idi, ona görə piyada getməyə qərar verdik.
+Keçən il çayın üzərində yeni körpü tikdilər.
+Adınızı səhifənin yuxarısında yazın.
+Konsert axşam saat səkkizdə başlayır.
+O, velosipedi bir neçə sadə alətlə təmir etdi.
+Gecə dağları qar örtdü.
+Süd, yumurta və bir az təzə meyvə almalıyıq.
+Həkim dedi ki, bir neçə gün dincəlməliyəm.
+Pəncərəmin qarşısında kiçik bir quş oxuyurdu.
+Tələbələr imtahanlarını cümə günü bitirdilər.
+Hava limanına getmək təxminən iyirmi dəqiqə çəkir.
+O, mətbəxi parlaq sarı rəngə boyadı.
+Tindəki mağaza təzə gül satır.
+Buradan dənizin səsini eşidirəm.
+Fırtına səbəbindən uçuşumuz gecikdi.
+O, həmişə günəş çıxmamış oyanır.
+Komanda qələbəsini böyük bir şam yeməyi ilə qeyd etdi.
+Bir az yavaş danışa bilərsinizmi?
+Köhnə qala təpənin başında dayanır.
+Telefonumun batareyası demək olar ki, bitib.
+Həyətdə bir alma ağacı əkdik.
+Müəllim məsələni çox aydın izah etdi.
+Həftədə yeddi gün, ildə on iki ay var.
+Pişik isti pəncərə kənarında yatır.
+Saat altıda kinoteatrın qarşısında görüşək.
+Fermer hər həftə bazarda tərəvəz satır.
+Mən heç vaxt belə gözəl gün batımı görməmişəm.
+Çaynik qaynayır, çay tezliklə hazır olacaq.
+O, açarlarını bağda harasa itirdi.
+Yatmazdan əvvəl kitab oxumaq məni sakitləşdirir.
+Yeni yol iki kəndi birləşdirəcək.
+Otaqdan çıxanda işıqları söndürün.
+Muzeydə köhnə sikkələrin böyük kolleksiyası var.
+Bütün günortanı sahil boyu gəzməklə keçirdik.
+İt körpənin əlini yalayanda o güldü.
+Təmiz su hər bir canlı üçün vacibdir.
+Külək o qədər güclü idi ki, budağı qırdı.
+Həftə sonları ailəm üçün şam yeməyi bişirirəm.
+Otel otağından limanın mənzərəsi görünürdü.
+Dostum mənə Kanadadan məktub göndərdi.
+Mühəndis maşının hər hissəsini yoxladı.
+Kənddə qış axşamları uzun və sakit olur.
+O, siyirmədə köhnə bir şəkil tapdı.
+Divardakı saat on dəqiqə qabaqdadır.
+Tıxaca düşməmək üçün tez çıxmalıyıq.
+Orkestr məşhur bir bəstəkarın əsərini ifa etdi.
+O, səhər qaçışından sonra bir stəkan su içir.
+Şənbə səhərləri bazar çox qələbəlik olur.
+Pilot tezliklə enəcəyimizi elan etdi.
+Kitabxanadan iki kitab götürdüm.
+Yağışdan sonra bağ çox gözəl görünür.
+Onlar məktəbin ətrafındakı hasarı rəngləyirlər.
+Əmim üzüm becərir və özü şirə hazırlayır.
+Poçt bankın yanındadır.
+Bazar ertəsi gülləri sulamağı unutma.
+Balıqçılar böyük ovla qayıtdılar.
+Bütün gün şimaldan soyuq külək əsdi.
+O, altı yaşında pianino çalmağı öyrəndi.
+Çörəkxana səhər saat altıda açılır.
+Evin damından ulduzları saydıq.
+Usta dedi ki, maşına yeni təkərlər lazımdır.
+Bal arılar tərəfindən çiçəklərin nektarından hazırlanır.
+Bayram səhəri küçələr boş idi.
+O, cavabı lövhəyə yazdı.
+Komandamız həftəni planlaşdırmaq üçün hər çərşənbə axşamı görüşür.
+Göl qışın ortasında donur.
+Mən qara qəhvədən çox yaşıl çayı xoşlayıram.
+Muzey bələdçisi şəhərin tarixindən danışdı.
+Güclü səs binadakı hamını oyatdı.
+O, səfər üçün buterbrod və alma qablaşdırdı.
+Kəndə gedən yol dar və sıldırımdır.
+Onlar keçən yaz daha böyük mənzilə köçdülər.
+Zəhmət olmasa, hesabatı gün sonuna qədər göndərin.
+Dünən gecə ay parlaq və bütöv idi.
+Bacım universitetdə tibb təhsili alır.
+Ofisiant bizə iki kasa isti şorba gətirdi.
+Kompüter yenilənmədən sonra yenidən başladı.
+Köməyiniz üçün çox sağ olun.
+""".splitlines()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
