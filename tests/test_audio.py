@@ -1,0 +1,88 @@
+"""The audio front end: log-mel against openai-whisper on real audio, file formats, resampling."""
+
+import numpy as np
+import pytest
+import torch
+
+import dualwhisper as dw
+from conftest import need
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_log_mel_matches_openai_whisper(jfk_audio, n_mels):
+    whisper = need("whisper")
+    audio = torch.from_numpy(jfk_audio)
+    ref = whisper.audio.log_mel_spectrogram(audio, n_mels, padding=dw.N_SAMPLES)
+    ours = dw.log_mel_spectrogram(audio, n_mels, padding=dw.N_SAMPLES)
+    assert ours.shape == ref.shape == (n_mels, (len(jfk_audio) + dw.N_SAMPLES) // dw.HOP_LENGTH)
+    assert (ours - ref).abs().max().item() < 1e-4
+    # the filterbank itself, computed in code, against the one openai-whisper ships
+    assert (dw.mel_filters(n_mels) - whisper.audio.mel_filters("cpu", n_mels)).abs().max().item() < 1e-6
+
+
+def test_log_mel_batched_equals_one_by_one(jfk_audio):
+    a = jfk_audio[: 16000 * 5]
+    b = jfk_audio[16000 * 5: 16000 * 10] * 0.05  # a quieter item: its own dynamic range
+    batch = dw.log_mel_spectrogram(torch.from_numpy(np.stack([a, b])), 80)
+    for i, x in enumerate((a, b)):
+        assert torch.allclose(batch[i], dw.log_mel_spectrogram(x, 80), atol=1e-6)
+
+
+def _sine(sr, seconds, freqs):
+    t = np.arange(int(sr * seconds)) / sr
+    return sum(0.3 * np.sin(2 * np.pi * f * t) for f in freqs).astype(np.float32)
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
+def test_resampling_is_band_limited_and_accurate(sr):
+    freqs = [440.0, 3000.0] if sr > 8000 else [440.0, 2500.0]
+    y = dw.resample(_sine(sr, 2.0, freqs), sr, 16000)
+    expected = _sine(16000, 2.0, freqs)
+    assert abs(len(y) - len(expected)) <= 1
+    interior = slice(800, 31200)  # away from the edges' zero padding
+    assert np.abs(y[interior] - expected[interior]).max() < 2e-3
+    if sr > 20000:  # a tone above the new Nyquist frequency must not alias into the band
+        alias = dw.resample(_sine(sr, 1.0, [10000.0]), sr, 16000)
+        assert np.sqrt(np.mean(alias[800:-800] ** 2)) < 0.3 / np.sqrt(2) * 0.01  # > 40 dB down
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_U8"), ("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "FLOAT"),
+                                         ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
+def test_load_audio_formats(tmp_path, jfk_audio, fmt, subtype):
+    import soundfile as sf
+
+    clip = jfk_audio[: 16000 * 3]
+    stereo = np.stack([clip, clip * 0.5], axis=1)  # mono mix is the channel mean
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, stereo, 16000, format=fmt, subtype=subtype)
+    got = dw.load_audio(path)
+    expected = clip * 0.75
+    if fmt in ("OGG", "MP3"):  # lossy at a low rate: the best-aligned correlation must be high
+        assert abs(len(got) - len(expected)) < 3000
+        n = min(len(got), len(expected)) - 400
+        best = max(np.corrcoef(got[200 + lag: 200 + lag + n - 400], expected[200: n - 200])[0, 1] for lag in range(-150, 151, 1))
+        assert best > 0.9
+    else:
+        tolerance = {"PCM_U8": 1 / 64, "PCM_16": 1e-4, "PCM_24": 1e-6, "FLOAT": 1e-7}[subtype]
+        assert len(got) == len(expected)
+        assert np.abs(got - expected).max() < tolerance
+
+
+def test_load_audio_resamples_any_rate_and_channel_count(tmp_path, jfk_audio):
+    import soundfile as sf
+
+    clip = jfk_audio[: 16000 * 2]
+    at_48k = dw.resample(clip, 16000, 48000)
+    six = np.stack([at_48k] * 6, axis=1)
+    sf.write(tmp_path / "six.wav", six, 48000, subtype="PCM_24")
+    got = dw.load_audio(tmp_path / "six.wav")
+    assert abs(len(got) - len(clip)) <= 1
+    assert np.abs(got[400:-400] - clip[400: len(got) - 400]).max() < 0.02
+
+
+def test_load_audio_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        dw.load_audio(tmp_path / "missing.wav")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF....WAVEfmt garbage" * 10)
+    with pytest.raises(ValueError, match="cannot decode audio file .*junk.wav"):
+        dw.load_audio(tmp_path / "junk.wav")
