@@ -46,8 +46,9 @@ def test_special_tokens_in_official_order(pair):
     assert tuple(ours.sot_sequence()) == ref.sot_sequence
     assert ours.non_speech_tokens == list(ref.non_speech_tokens)
     assert ours.special_tokens["<|30.00|>"] == ours.n_vocab - 1
-    timestamps = [ours.timestamp_begin + 54, 400, ours.timestamp_begin + 100]
+    timestamps = [ours.timestamp_begin + 54] + ours.encode(" so") + [ours.timestamp_begin + 100]
     assert ours.decode_with_timestamps(timestamps) == ref.decode_with_timestamps(timestamps) == "<|1.08|> so<|2.00|>"
+    assert ours.decode(timestamps) == " so"
     if multilingual:
         assert ours.sot_sequence(language="azerbaijani", task="translate") == [ours.sot, ours.special_tokens["<|az|>"], ours.translate_token]
         assert ours.special_tokens["<|az|>"] == 50304  # as the checkpoint's generation config says
