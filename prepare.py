@@ -26,6 +26,7 @@ a reader sees the old complete data or the new complete data, never a half-writt
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -318,6 +319,11 @@ def is_utf8(s):
         return False
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer(folder, n_vocab, mtime):
+    return dw.Tokenizer.from_pretrained(folder, n_vocab=n_vocab)
+
+
 def resolve_tokenizer(name):
     """(tokenizer, description, n_text_ctx) for --model: a checkpoint or tokenizer folder, an official
     name or a hub id, found the way dualwhisper.load_model finds them but fetching the tokenizer files
@@ -344,7 +350,7 @@ def resolve_tokenizer(name):
     dims = cfg.get("dims", {}) if cfg.get("model_type") == "dualwhisper" else {}
     n_vocab = dims.get("n_vocab", cfg.get("vocab_size", 51865))
     n_text_ctx = dims.get("n_text_ctx", cfg.get("max_target_positions", 448))
-    tok = dw.Tokenizer.from_pretrained(path, n_vocab=n_vocab)
+    tok = _tokenizer(path.resolve(), n_vocab, (path / "vocab.json").stat().st_mtime)
     vocab_sha1 = hashlib.sha1((path / "vocab.json").read_bytes()).hexdigest()
     info = {"name": str(name), "n_vocab": n_vocab, "multilingual": tok.multilingual, "vocab_sha1": vocab_sha1}
     return tok, info, n_text_ctx
@@ -417,7 +423,7 @@ def _sha1_of_file(path):
 
 def _audio_files(folder):
     out = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [os.path.join(root, f) for f in files if f.lower().endswith(AUDIO_SUFFIXES)]
     return sorted(Path(p).relative_to(folder).as_posix() for p in out)
@@ -499,7 +505,7 @@ class LocalSource:
             return found[0] if found else None
 
         return {"path": pick(PATH_COLUMNS, "audio path"), "text": pick(TEXT_COLUMNS, "transcript"),
-                "language": pick(LANGUAGE_COLUMNS, None), "id": "id" if "id" in names else None}
+                "language": pick(LANGUAGE_COLUMNS, None)}
 
     def items(self, cursor=None, work=None):
         start = cursor or 0
@@ -516,8 +522,9 @@ class LocalSource:
                 continue
             rel = str(row[c["path"]])
             path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
-            uid = row.get(c["id"]) if c["id"] and row.get(c["id"]) not in (None, "") else Path(rel).with_suffix("").as_posix()
-            yield {"id": str(uid), "audio": path, "text": row[c["text"]], "language": row.get(c["language"]) if c["language"] else None}
+            uid = row.get("id") if row.get("id") not in (None, "") else Path(rel).with_suffix("").as_posix()
+            language = next((row[k] for k in LANGUAGE_COLUMNS if row.get(k) not in (None, "")), None)  # JSON rows may differ in keys
+            yield {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language}
 
     def _txt_items(self):
         for rel in self.files:
