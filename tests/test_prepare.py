@@ -457,6 +457,8 @@ def test_batch_reads_padded_float_audio(tmp_path):
     np.testing.assert_allclose(x[1, :5], audio[0], atol=1 / 32768)
     assert not x[0, 8:].any() and not x[1, 5:].any()
     assert np.array_equal(s.batch([1], n_samples=10)[0][0], s.audio(1)[:10] / 32768)  # trimmed
+    raw, _ = s.batch([2, 0], n_samples=10, dtype=np.int16)
+    assert raw.dtype == np.int16 and np.array_equal(raw / 32768, x)
     assert [t.tolist() for t in tokens] == [[50257, 9, 50256], [50257, 7, 50256]]
     (tmp_path / "train.audio.bin").write_bytes((tmp_path / "train.audio.bin").read_bytes()[:-4])  # cut short
     with pytest.raises(ValueError, match="does not match its index"):
