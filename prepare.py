@@ -514,8 +514,8 @@ class LocalSource:
 
     def items(self, cursor=None, work=None):
         start = cursor or 0
-        rows = self._manifest_items() if self.manifest is not None else self._txt_items()
-        for i, item in enumerate(rows):
+        rows = self._manifest_items() if self.manifest is not None else self._txt_items(start)
+        for i, item in enumerate(rows, start=0 if self.manifest is not None else start):
             if i >= start:
                 yield i + 1, item
 
@@ -531,8 +531,8 @@ class LocalSource:
             language = next((row[k] for k in LANGUAGE_COLUMNS if row.get(k) not in (None, "")), None)  # JSON rows may differ in keys
             yield {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language}
 
-    def _txt_items(self):
-        for rel in self.files:
+    def _txt_items(self, start):
+        for rel in self.files[start:]:
             path = self.root / rel
             item = {"id": Path(rel).with_suffix("").as_posix(), "audio": str(path)}
             try:
@@ -1047,6 +1047,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nprepare.py: interrupted; run the same command again to go on from the last save", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a vanished folder: what was saved is kept
+        print(f"prepare.py: error: {e}; fix it and run the same command again to go on from the last save", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -185,6 +185,12 @@ def test_parquet_folder_like_hugging_face(parquet_dataset, tmp_path, tiny_en_dir
     assert meta["jobs"]["speech"]["dropped"] == {"undecodable_audio": 1, "missing_audio": 1, "empty_text": 1}
     assert meta["jobs"]["speech"]["seen"] == 10
     assert "10 rows seen, 7 kept" in capsys.readouterr().out
+    # a resume from any saved position yields exactly the rows after it (row groups of 2 are skipped whole)
+    source = pp.ParquetSource(str(parquet_dataset.folder))
+    every = [(tuple(c), item and item["id"]) for c, item in source.items()]
+    assert len(every) == 12 and every[-1] == ((2, 0), None)  # 10 rows and one end-of-shard marker per shard
+    for k, (cursor, _) in enumerate(every):
+        assert [(tuple(c), item and item["id"]) for c, item in source.items(list(cursor))] == every[k + 1:]
 
 
 def test_hub_dataset_is_fetched_shard_by_shard(parquet_dataset, tmp_path, tiny_en_dir, monkeypatch):
@@ -273,6 +279,10 @@ def test_txt_transcripts_missing_or_not_utf8(tmp_path, tiny_en_dir):
     assert run("--input", tmp_path, "--out", tmp_path / "out", "--model", tiny_en_dir, "--val_fraction", 0) == 0
     assert {k: v[0] for k, v in contents(tmp_path / "out", "train").items()} == {"a": "héllo wörld"}
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["jobs"]["speech"]["dropped"] == {"bad_text": 1, "missing_text": 1}
+    source = pp.LocalSource(tmp_path)
+    every = [(c, item["id"], item.get("error")) for c, item in source.items()]
+    assert every == [(1, "a", None), (2, "b", None), (3, "c", "missing_text")]
+    assert [(c, item["id"]) for c, item in source.items(1)] == [(2, "b"), (3, "c")]
 
 
 # -----------------------------------------------------------------------------
@@ -323,6 +333,28 @@ def test_resume_after_a_crash_in_mid_write(twelve, corpus, tmp_path, tiny_en_dir
     mtime = (out / "train.audio.bin").stat().st_mtime_ns
     assert run(*args, "--out", out) == 0 and "prepared already" in capsys.readouterr().out
     assert (out / "train.audio.bin").stat().st_mtime_ns == mtime
+
+
+def test_resume_while_publishing(twelve, tmp_path, tiny_en_dir, monkeypatch, capsys):
+    """Interrupted between renaming the finished splits into place: the run after completes it."""
+    args = ("--input", twelve, "--model", tiny_en_dir, "--val_fraction", 0.25)
+    publish = pp.publish_split
+
+    def full_disk_at_val(work, folder, split):
+        if split == "val":
+            raise OSError(28, "No space left on device")
+        publish(work, folder, split)
+
+    monkeypatch.setattr(pp, "publish_split", full_disk_at_val)
+    assert run(*args, "--out", tmp_path / "out") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "out" / "train.index.npy").exists() and not (tmp_path / "out" / "val.index.npy").exists()
+    assert not (tmp_path / "out" / "meta.json").exists()
+    monkeypatch.setattr(pp, "publish_split", publish)
+    assert run(*args, "--out", tmp_path / "out") == 0
+    assert run(*args, "--out", tmp_path / "clean") == 0
+    assert split_bytes(tmp_path / "out") == split_bytes(tmp_path / "clean")
+    assert not (tmp_path / "out" / ".prepare-speech").exists()
 
 
 KILLED = """
