@@ -8,6 +8,7 @@ state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` 
 """
 
 import base64
+import copy
 import json
 import math
 import os
@@ -431,11 +432,12 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of the audio features: computed once per window when decoding."""
         return self.heads(self.key(xa)), self.heads(self.value(xa))
 
-    def forward(self, x, xa=None, kv=None, causal=False, cache=None, offset=0, weights=None):
+    def forward(self, x, xa=None, kv=None, causal=False, cache=None, offset=0, weights=None, mask=None):
         """x: (B, T, C). Cross-attention takes xa (B, S, C) or its precomputed kv. Cached
         self-attention writes this step's keys and values at positions offset..offset+T of the
         preallocated `cache` = (k, v), each (B, H, n_ctx, D), and attends to all positions so far.
-        If `weights` is a list, the attention weights (B, H, T, S) are appended to it."""
+        If `weights` is a list, the attention weights (B, H, T, S) are appended to it. A boolean
+        `mask` (B, 1, T, S), True where a query may look, replaces the causal mask (padded batches)."""
         B, T, C = x.shape
         q = self.heads(self.query(x))
         if kv is not None:
@@ -448,14 +450,17 @@ class MultiHeadAttention(nn.Module):
                 cache[0][:, :, offset:offset + T] = k
                 cache[1][:, :, offset:offset + T] = v
                 k, v = cache[0][:, :, :offset + T], cache[1][:, :, :offset + T]
-        mask = None
-        if causal and T > 1:
+        if mask is None and causal and T > 1:
             if offset == 0 and weights is None:
                 mask = "causal"
             else:  # query i sits at position offset + i and may see keys up to there
                 i = torch.arange(T, device=x.device)[:, None] + offset
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
-        if weights is None:
+        if weights is None and k.shape[0] < B:  # groups of rows share a window (beams): one longer query each
+            G, H, D = B // k.shape[0], q.shape[1], q.shape[3]
+            q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
+            y = F.scaled_dot_product_attention(q, k, v).view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
+        elif weights is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal")
         else:
             att = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
@@ -521,9 +526,9 @@ class ResidualAttentionBlock(nn.Module):
             kv.append(self.cross_attn2.kv(xa))
         return kv
 
-    def forward(self, x, xa=None, cross_kv=None, cache=None, offset=0, details=None):
+    def forward(self, x, xa=None, cross_kv=None, cache=None, offset=0, details=None, mask=None):
         causal = self.cross_attn is not None  # decoder blocks are causal, encoder blocks are not
-        x = x + self.attn(self.attn_ln(x), causal=causal, cache=cache, offset=offset)
+        x = x + self.attn(self.attn_ln(x), causal=causal, cache=cache, offset=offset, mask=mask)
         if self.cross_attn is not None:
             w1 = w2 = None
             if details is not None:
@@ -582,20 +587,35 @@ class TextDecoder(nn.Module):
     def forward(self, tokens, xa=None, cache=None, offset=0, details=None):
         """tokens: (B, T) at positions offset..offset+T; xa: audio features (B, S, C), or None when
         `cache` holds the cross-attention keys and values. Returns float32 logits (B, T, n_vocab)."""
+        return self.project(self.hidden(tokens, xa, cache, offset, details))
+
+    def hidden(self, tokens, xa=None, cache=None, offset=0, details=None):
+        """The final normalised states (B, T, C), before the output projection (decoding projects
+        only the positions it needs). When `cache.pad` gives each row's count of left padding
+        slots, a row's positions start after its padding, which no real token attends to."""
         T = tokens.shape[-1]
-        x = self.token_embedding(tokens) + self.positional_embedding[offset:offset + T]
+        pos, mask = self.positional_embedding[offset:offset + T], None
+        if cache is not None and cache.pad is not None:
+            slots = torch.arange(offset, offset + T, device=tokens.device)
+            pos = self.positional_embedding[(slots - cache.pad[:, None]).clamp(0, len(self.positional_embedding) - 1)]  # (B, T, C)
+            keys = torch.arange(offset + T, device=tokens.device)
+            mask = (keys <= slots[:, None]) & ((keys >= cache.pad[:, None, None]) | (keys == slots[:, None]))  # (B, T, S)
+            mask = mask[:, None]  # a padding slot sees only itself
+        x = self.token_embedding(tokens) + pos
         if xa is not None:
             x = x.to(xa.dtype)
         elif cache is not None:
             x = x.to(cache.dtype)
         for i, block in enumerate(self.blocks):
             kw = dict(cross_kv=cache.cross[i] if cache else None, cache=cache.self_kv[i] if cache else None,
-                      offset=offset, details=details)
+                      offset=offset, details=details, mask=mask)
             if self.checkpointing and self.training and cache is None and details is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, xa, use_reentrant=False)
             else:
                 x = block(x, xa, **kw)
-        x = self.ln(x)
+        return self.ln(x)
+
+    def project(self, x):
         return (x @ self.token_embedding.weight.to(x.dtype).t()).float()  # output tied to the embedding
 
 
@@ -613,11 +633,31 @@ class KVCache:
         self.cross = [block.cross_kv(audio_features) for block in dec.blocks]
         shape = (B, H, n_ctx, C // H)
         self.self_kv = [(audio_features.new_zeros(shape), audio_features.new_zeros(shape)) for _ in dec.blocks]
+        self.pad = None  # (B,) left padding slots per row, when rows hold prompts of different lengths
 
-    def reorder(self, index):
-        """Keep batch rows `index` (beam search), self-attention and cross-attention alike."""
+    def reorder(self, index, cross=True):
+        """Keep batch rows `index` (beam search), self-attention and cross-attention alike; cross=False
+        leaves the cross-attention ones, which beams of one window share."""
         self.self_kv = [(k[index], v[index]) for k, v in self.self_kv]
-        self.cross = [[(k[index], v[index]) for k, v in kvs] for kvs in self.cross]
+        if cross:
+            self.cross = [[(k[index], v[index]) for k, v in kvs] for kvs in self.cross]
+        if self.pad is not None:
+            self.pad = self.pad[index]
+
+    def rows(self, index, n_ctx, group=1):
+        """A new cache for windows `index` of this one, each decoded as `group` consecutive rows
+        (beams or samples): the windows' cross-attention keys and values, computed once and shared
+        by their rows, and empty self-attention slots for n_ctx positions."""
+        new = copy.copy(self)
+        n = self.cross[0][0][0].shape[0]
+        index = torch.as_tensor(index, device=self.cross[0][0][0].device)
+        if not (len(index) == n and torch.equal(index, torch.arange(n, device=index.device))):
+            new.cross = [[(k[index], v[index]) for k, v in kvs] for kvs in self.cross]
+        k = self.self_kv[0][0]
+        shape = (len(index) * group, k.shape[1], n_ctx, k.shape[3])
+        new.self_kv = [(k.new_zeros(shape), k.new_zeros(shape)) for _ in self.self_kv]
+        new.pad = None
+        return new
 
 
 class Whisper(nn.Module):
@@ -984,49 +1024,650 @@ def babble(utterances, n_talkers=4, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# decoding
+# decoding: openai-whisper's decoding and transcription rules on the explicit KV cache, with
+# windows of many files decoded together
 
 
-def suppress_token_list(model, tokenizer):
-    """Tokens never to emit: the checkpoint's generation config list (Whisper's non-speech
-    symbols) or, without one, the same list built from the tokenizer; plus the special tokens
-    that only prompts use."""
-    tokens = model.generation_config.get("suppress_tokens") or tokenizer.non_speech_tokens
-    tokens = set(t for t in tokens if 0 <= t < tokenizer.eot)
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode a 30-second window: openai-whisper's options, names and defaults."""
+
+    task: str = "transcribe"  # or "translate" (any language to English)
+    language: str = None  # None: detect it on multilingual models
+    temperature: float = 0.0  # 0: greedy or beam search; > 0: sampling
+    sample_len: int = None  # most tokens to sample; n_text_ctx // 2 by default
+    best_of: int = None  # independent samples at temperature > 0, the most likely one kept
+    beam_size: int = None  # beams at temperature 0
+    patience: float = None  # beam search ends once beam_size * patience sequences have finished
+    length_penalty: float = None  # rank by logprob / length (None) or / ((5 + length) / 6) ** alpha
+    prompt: object = None  # previous text, as a string or tokens, given after <|startofprev|>
+    prefix: object = None  # forced start of this window's text, as a string or tokens
+    suppress_tokens: object = "-1"  # ids (or "1,2,3") never to emit; -1 is the checkpoint's non-speech list
+    suppress_blank: bool = True  # no blank and no end of text as the first token
+    without_timestamps: bool = False  # text tokens only, after <|notimestamps|>
+    max_initial_timestamp: float = 1.0  # seconds; the latest first timestamp
+
+    def __post_init__(self):
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
+        if self.beam_size is not None and self.best_of is not None:
+            raise ValueError("beam_size and best_of cannot be given together")
+        if self.temperature < 0 or (self.temperature == 0 and self.best_of is not None):
+            raise ValueError("best_of needs a temperature above 0, and temperatures cannot be negative")
+        if self.patience is not None and (self.beam_size is None or self.patience <= 0):
+            raise ValueError("patience needs beam_size and must be above 0")
+        if any(n is not None and n < 1 for n in (self.beam_size, self.best_of, self.sample_len)):
+            raise ValueError("beam_size, best_of and sample_len must be at least 1")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
+            raise ValueError("length_penalty (alpha) must lie between 0 and 1")
+
+
+@dataclass
+class DecodingResult:
+    tokens: list  # sampled tokens, timestamps included, end of text left out
+    text: str
+    language: str
+    avg_logprob: float  # sum of the tokens' logprobs (end of text included) / (len(tokens) + 1)
+    no_speech_prob: float  # probability of <|nospeech|> after <|startoftranscript|>
+    temperature: float
+    compression_ratio: float
+    gates: list = None  # dual models: per token, the gate value (mean over layers) that chose it
+    language_probs: dict = None
+
+
+def compression_ratio(text):
+    """How well gzip compresses the text: repetition loops compress far better than speech."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+def suppress_token_list(model, tokenizer, suppress_tokens="-1"):
+    """Tokens never to emit: the ids given, where -1 stands for the checkpoint's generation-config
+    list (Whisper's non-speech symbols) or, without one, the same list built from the tokenizer;
+    plus the special tokens that only prompts use. An empty value suppresses nothing."""
+    if isinstance(suppress_tokens, str):
+        suppress_tokens = [int(t) for t in suppress_tokens.split(",") if t.strip()]
+    if not suppress_tokens:
+        return []
+    tokens = set(t for t in suppress_tokens if t >= 0)
+    if -1 in suppress_tokens:
+        tokens |= set(t for t in model.generation_config.get("suppress_tokens") or tokenizer.non_speech_tokens if 0 <= t < tokenizer.eot)
     tokens |= {tokenizer.transcribe_token, tokenizer.translate_token, tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm}
     if tokenizer.no_speech is not None:
         tokens.add(tokenizer.no_speech)
     return sorted(tokens)
 
 
+def encode_audio(model, mel):
+    """Encoder features (B, n_audio_ctx, C) of mel windows (B, n_mels, 3000); features pass as they are."""
+    param = next(model.parameters())
+    if mel.shape[-2:] == (model.dims.n_audio_ctx, model.dims.n_audio_state):
+        return mel.to(param.device, param.dtype)
+    return model.encoder(mel.to(param.device, param.dtype))
+
+
+@torch.no_grad()
+def detect_language(model, mel_or_cache, tokenizer=None):
+    """The spoken language of each window, from the logits that follow <|startoftranscript|>:
+    mel windows (B, n_mels, 3000), encoder features or a KVCache of them. Returns the codes and,
+    per window, a dict of probabilities over the languages."""
+    tokenizer = tokenizer or get_tokenizer(model)
+    if not tokenizer.multilingual:
+        raise ValueError("this model is English-only: it has no language tokens to detect a language with")
+    base = mel_or_cache if isinstance(mel_or_cache, KVCache) else KVCache(model, encode_audio(model, mel_or_cache), 1)
+    B = base.self_kv[0][0].shape[0]
+    cache = base.rows(list(range(B)), 1)
+    dev = cache.self_kv[0][0].device
+    logits = model.decoder.project(model.decoder.hidden(torch.full((B, 1), tokenizer.sot, device=dev), cache=cache)[:, -1])
+    language_tokens = torch.tensor(tokenizer.all_language_tokens, device=dev)
+    probs = logits[:, language_tokens].softmax(dim=-1).cpu()  # (B, n_languages)
+    codes = [tokenizer.language_codes[i] for i in probs.argmax(dim=-1).tolist()]
+    return codes, [dict(zip(tokenizer.language_codes, p)) for p in probs.tolist()]
+
+
+def _prompt_tokens(tokenizer, value):
+    if isinstance(value, str):
+        return tokenizer.encode(" " + value.strip())
+    return list(value or [])
+
+
+def _timestamp_rules(logits, sampled, tokenizer, max_initial):
+    """openai-whisper's timestamp rules, for all rows at once, in place. sampled: (N, n) tokens so far.
+    Timestamps come in pairs (start, end) except right before the end of text, never decrease,
+    the first token is a timestamp no later than `max_initial`, and when the timestamps together
+    are more likely than any single text token, a timestamp it is."""
+    tb, eot = tokenizer.timestamp_begin, tokenizer.eot
+    n = sampled.shape[1]
+    if n == 0:
+        logits[:, :tb] = -math.inf
+        if max_initial is not None:
+            logits[:, tb + max_initial + 1:] = -math.inf
+    else:
+        is_ts = sampled >= tb
+        last = is_ts[:, -1]
+        penultimate = is_ts[:, -2] if n > 1 else torch.ones_like(last)
+        logits[:, tb:].masked_fill_((last & penultimate)[:, None], -math.inf)  # a pair is done: text next
+        logits[:, :eot].masked_fill_((last & ~penultimate)[:, None], -math.inf)  # a pair is open: close it
+        where = torch.where(is_ts, torch.arange(n, device=sampled.device), -1).amax(dim=1)  # last timestamp
+        last_ts = torch.where(where >= 0, sampled.gather(1, where.clamp_min(0)[:, None])[:, 0], tb - 1)
+        lowest = torch.where(last & ~penultimate, last_ts, last_ts + 1)  # the end may equal the start only
+        ts = torch.arange(tb, logits.shape[1], device=logits.device)
+        logits[:, tb:].masked_fill_(ts[None] < lowest[:, None], -math.inf)
+    logprobs = F.log_softmax(logits, dim=-1)
+    prefer_ts = logprobs[:, tb:].logsumexp(dim=-1) > logprobs[:, :tb].max(dim=-1).values
+    logits[:, :tb].masked_fill_(prefer_ts[:, None], -math.inf)
+
+
+@torch.no_grad()
+def _decode(model, tokenizer, base, rows, options, languages, prompts=None, initial=None):
+    """Decode windows `rows` of `base`, a KVCache that holds the cross-attention keys and values of a
+    batch of windows, so that temperature fallback decodes again without the encoder. Each row has
+    its language and its prompt (previous-text tokens); rows with prompts of different lengths are
+    left-padded. Returns one DecodingResult per row."""
+    o = options
+    B = len(rows)
+    n_ctx = model.dims.n_text_ctx
+    sample_len = o.sample_len or n_ctx // 2
+    G = o.beam_size or o.best_of or 1  # rows per window: beams or samples
+    eot, tb = tokenizer.eot, tokenizer.timestamp_begin
+    dev = base.self_kv[0][0].device
+
+    # the initial tokens of each window: [<|startofprev|> prompt] <|startoftranscript|> [language task] [<|notimestamps|>] [prefix]
+    if initial is None:
+        initial = []
+        for i in range(B):
+            seq = tokenizer.sot_sequence(languages[i], o.task) + ([tokenizer.no_timestamps] if o.without_timestamps else [])
+            if o.prefix:
+                prefix = _prompt_tokens(tokenizer, o.prefix)
+                room = n_ctx // 2 - sample_len
+                seq += prefix[-room:] if room > 0 else prefix
+            prompt = prompts[i] if prompts is not None else _prompt_tokens(tokenizer, o.prompt)
+            if prompt:
+                seq = [tokenizer.sot_prev] + list(prompt)[-(n_ctx // 2 - 1):] + seq
+            initial.append(seq)
+    L = max(map(len, initial))
+    pad = [L - len(seq) for seq in initial]
+    sot_index = torch.tensor([p + seq.index(tokenizer.sot) for p, seq in zip(pad, initial)], device=dev)
+    tokens = torch.tensor([[eot] * p + seq for p, seq in zip(pad, initial)], device=dev).repeat_interleave(G, dim=0)
+    N = B * G
+    cache = base.rows(rows, L + sample_len, group=G)
+    if any(pad):
+        cache.pad = torch.tensor(pad, device=dev).repeat_interleave(G)
+    too_long = n_ctx - L + torch.tensor(pad, device=dev).repeat_interleave(G)  # a row may sample this many tokens
+
+    # the logit rules
+    bias = torch.zeros(model.dims.n_vocab, device=dev)
+    bias[suppress_token_list(model, tokenizer, o.suppress_tokens)] = -math.inf
+    if not o.without_timestamps:
+        bias[tokenizer.no_timestamps] = -math.inf
+    blank = tokenizer.encode(" ") + [eot]
+    max_initial = None
+    if o.max_initial_timestamp:
+        max_initial = round(o.max_initial_timestamp / (CHUNK_LENGTH / model.dims.n_audio_ctx))
+
+    sum_logprobs = torch.zeros(N, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    finished = [{} for _ in range(B)]  # beam search: finished sequence -> sum of logprobs
+    max_candidates = round(G * (o.patience or 1.0))
+    beam = o.beam_size is not None
+    x, offset = tokens, 0
+    for step in range(sample_len):
+        h = model.decoder.hidden(x, cache=cache, offset=offset)
+        offset += x.shape[1]
+        logits = model.decoder.project(h[:, -1])  # (N, V)
+        if step == 0 and tokenizer.no_speech is not None:
+            at_sot = model.decoder.project(h[torch.arange(N, device=dev), sot_index.repeat_interleave(G)])
+            no_speech_probs = at_sot.softmax(dim=-1)[:, tokenizer.no_speech].tolist()[::G]
+        logits += bias
+        if step == 0 and o.suppress_blank:
+            logits[:, blank] = -math.inf
+        if not o.without_timestamps:
+            _timestamp_rules(logits, tokens[:, L:], tokenizer, max_initial)
+
+        if not beam:
+            if o.temperature == 0:
+                next_tokens = logits.argmax(dim=-1)
+            else:
+                next_tokens = torch.multinomial((logits / o.temperature).softmax(dim=-1), 1)[:, 0]
+            logprobs = F.log_softmax(logits, dim=-1)
+            sum_logprobs += logprobs.gather(1, next_tokens[:, None])[:, 0] * ~done
+            next_tokens = torch.where(done, eot, next_tokens)
+            done |= (next_tokens == eot) | (step + 1 > too_long)  # openai-whisper stops past n_text_ctx tokens
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+            x = next_tokens[:, None]
+            if done.all():
+                break
+            continue
+
+        # beam search: per window, the best G unfinished continuations of its G beams
+        logprobs = F.log_softmax(logits, dim=-1)
+        top_logprobs, top_tokens = logprobs.topk(G + 1, dim=-1)
+        scores_all = (sum_logprobs[:, None] + top_logprobs).tolist()
+        top_tokens, prefixes = top_tokens.tolist(), tokens.tolist()
+        next_seqs, sources, new_sums = [], [], []
+        for i in range(B):
+            scores, source = {}, {}
+            for r in range(i * G, (i + 1) * G):
+                for score, token in zip(scores_all[r], top_tokens[r]):
+                    seq = tuple(prefixes[r] + [token])
+                    scores[seq], source[seq] = score, r
+            newly_finished, kept = {}, 0
+            for seq in sorted(scores, key=scores.get, reverse=True):
+                if seq[-1] == eot:
+                    newly_finished[seq] = scores[seq]
+                else:
+                    next_seqs.append(seq)
+                    sources.append(source[seq])
+                    new_sums.append(scores[seq])
+                    kept += 1
+                    if kept == G:
+                        break
+            for seq in sorted(newly_finished, key=newly_finished.get, reverse=True):
+                if len(finished[i]) >= max_candidates:
+                    break
+                finished[i][seq] = newly_finished[seq]
+        tokens = torch.tensor(next_seqs, device=dev)
+        sum_logprobs = torch.tensor(new_sums, device=dev)
+        if sources != list(range(N)):
+            cache.reorder(torch.tensor(sources, device=dev), cross=False)
+        x = tokens[:, -1:]
+        if all(len(f) >= max_candidates for f in finished) or step + 1 > int(too_long.min()):
+            break
+
+    # candidates per window, ranked by logprob over length
+    if beam:
+        sums = sum_logprobs.view(B, G).tolist()
+        for i in range(B):
+            if len(finished[i]) < G:  # not enough finished: add the best unfinished
+                for j in sorted(range(G), key=lambda j: sums[i][j])[::-1]:
+                    finished[i][tuple(tokens[i * G + j].tolist() + [eot])] = sums[i][j]
+                    if len(finished[i]) >= G:
+                        break
+        candidates = [[list(seq[L:]) for seq in f] for f in finished]
+        cand_sums = [list(f.values()) for f in finished]
+    else:
+        rows_tokens, sums = tokens[:, L:].tolist(), sum_logprobs.tolist()
+        candidates = [rows_tokens[i * G:(i + 1) * G] for i in range(B)]
+        cand_sums = [sums[i * G:(i + 1) * G] for i in range(B)]
+    results = []
+    for i in range(B):
+        seqs = [s[:s.index(eot)] if eot in s else s for s in candidates[i]]
+        lengths = [len(s) for s in seqs]
+        if o.length_penalty is None:
+            penalties = [max(n, 1) for n in lengths]
+        else:
+            penalties = [((5 + n) / 6) ** o.length_penalty for n in lengths]
+        best = max(range(len(seqs)), key=lambda j: cand_sums[i][j] / penalties[j])
+        text = tokenizer.decode(seqs[best]).strip()
+        results.append(DecodingResult(
+            tokens=seqs[best], text=text, language=languages[i], avg_logprob=cand_sums[i][best] / (lengths[best] + 1),
+            no_speech_prob=no_speech_probs[i] if tokenizer.no_speech is not None else math.nan,
+            temperature=o.temperature, compression_ratio=compression_ratio(text)))
+    if model.dims.dual:
+        _add_gates(model, base, rows, [initial[i] + r.tokens for i, r in enumerate(results)], [len(s) for s in initial], results)
+    return results
+
+
+def _add_gates(model, base, rows, sequences, starts, results):
+    """The gate value (mean over layers) at the step that chose each sampled token, from one more
+    pass of the decoder over each window's final tokens (one window at a time: the pass keeps
+    every attention map)."""
+    dev = base.self_kv[0][0].device
+    for row, seq, start, r in zip(rows, sequences, starts, results):
+        details = []
+        model.decoder.hidden(torch.tensor([seq], device=dev), cache=base.rows([row], len(seq)), details=details)
+        gates = torch.stack([d["gate"][0] for d in details]).float().mean(dim=0).tolist()  # (T,)
+        r.gates = gates[start - 1:start - 1 + len(r.tokens)]
+
+
+@torch.no_grad()
+def decode(model, mel, options=DecodingOptions(), tokenizer=None, **kwargs):
+    """Decode 30-second windows as openai-whisper's `decode` does: mel (n_mels, 3000) or a batch
+    (B, n_mels, 3000), or their encoder features. Returns a DecodingResult, or a list of them."""
+    from dataclasses import replace
+
+    single = mel.ndim == 2
+    mel = mel[None] if single else mel
+    options = replace(options, **kwargs) if kwargs else options
+    tokenizer = tokenizer or get_tokenizer(model)
+    base = KVCache(model, encode_audio(model, mel), 1)
+    B = mel.shape[0]
+    language_probs = [None] * B
+    if options.language is None and tokenizer.multilingual:
+        languages, language_probs = detect_language(model, base, tokenizer)
+    else:
+        languages = [tokenizer.to_language_code(options.language) if options.language else "en"] * B
+    results = _decode(model, tokenizer, base, list(range(B)), options, languages)
+    for r, p in zip(results, language_probs):
+        r.language_probs = p
+    return results[0] if single else results
+
+
 @torch.no_grad()
 def greedy_decode(model, mel, tokenizer, prompt=None, max_tokens=None):
-    """Greedy decoding of a batch of 30-second windows, without timestamps, with the KV cache.
-    mel: (B, n_mels, 3000). Returns one list of text tokens per window (end-of-text excluded)."""
+    """Greedy decoding of a batch of 30-second windows, without timestamps. mel: (B, n_mels, 3000);
+    prompt: the initial tokens (default: the start of transcript and <|notimestamps|>). Returns
+    one list of text tokens per window (end of text left out)."""
     B = mel.shape[0]
     prompt = prompt or tokenizer.sot_sequence() + [tokenizer.no_timestamps]
-    max_tokens = max_tokens or model.dims.n_text_ctx // 2
-    n_ctx = min(model.dims.n_text_ctx, len(prompt) + max_tokens)
-    audio_features = model.encoder(mel.to(next(model.parameters()).dtype))
-    cache = KVCache(model, audio_features, n_ctx)
-    suppress = torch.tensor(suppress_token_list(model, tokenizer), device=mel.device)
-    blank = torch.tensor(tokenizer.encode(" ") + [tokenizer.eot], device=mel.device)
-    tokens = torch.tensor([prompt] * B, device=mel.device)
-    out = torch.empty(B, 0, dtype=torch.long, device=mel.device)
-    done = torch.zeros(B, dtype=torch.bool, device=mel.device)
-    offset = 0
-    while offset + tokens.shape[1] <= n_ctx:
-        logits = model.decoder(tokens, cache=cache, offset=offset)[:, -1]
-        offset += tokens.shape[1]
-        logits[:, suppress] = -float("inf")
-        logits[:, tokenizer.timestamp_begin:] = -float("inf")
-        if out.shape[1] == 0:  # do not start with a blank or end at once
-            logits[:, blank] = -float("inf")
-        next_token = logits.argmax(dim=-1)
-        next_token = torch.where(done, tokenizer.eot, next_token)
-        done |= next_token == tokenizer.eot
-        out = torch.cat([out, next_token[:, None]], dim=1)
-        tokens = next_token[:, None]
-        if done.all():
-            break
-    return [[t for t in row if t != tokenizer.eot] for row in out.tolist()]
+    options = DecodingOptions(without_timestamps=True, sample_len=max_tokens)
+    base = KVCache(model, encode_audio(model, mel), 1)
+    results = _decode(model, tokenizer, base, list(range(B)), options, [tokenizer.language or "en"] * B, initial=[list(prompt)] * B)
+    return [r.tokens for r in results]
+
+
+# -----------------------------------------------------------------------------
+# transcription: 30-second windows, moved on by the timestamps the model predicts
+
+MEL_CHUNK_FRAMES = 60 * 100 * FRAMES_PER_SECOND  # log-mel of long files computed 100 minutes at a time
+
+
+def padded_log_mel(audio, n_mels=80, chunk_frames=MEL_CHUNK_FRAMES):
+    """log_mel_spectrogram(audio, padding=N_SAMPLES) on the CPU, in chunks of frames for long
+    audio, so that hours of audio never need one STFT of them all: the frames are the same
+    (each chunk reads the samples its windows cover, reflect-padded at the ends as torch.stft
+    does), and the clip to 8 below the peak is applied over the whole file."""
+    audio = torch.as_tensor(audio, dtype=torch.float32).cpu()
+    x = F.pad(audio, (0, N_SAMPLES))
+    n_frames = x.shape[-1] // HOP_LENGTH
+    if n_frames <= chunk_frames:
+        return log_mel_spectrogram(x, n_mels)
+    x = F.pad(x[None], (N_FFT // 2, N_FFT // 2), mode="reflect")[0]
+    window, filters = torch.hann_window(N_FFT), mel_filters(n_mels)
+    out = torch.empty(n_mels, n_frames)
+    for a in range(0, n_frames, chunk_frames):
+        b = min(a + chunk_frames, n_frames)
+        stft = torch.stft(x[a * HOP_LENGTH:(b - 1) * HOP_LENGTH + N_FFT], N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+        out[:, a:b] = torch.clamp(filters @ stft.abs() ** 2, min=1e-10).log10()
+    out = torch.maximum(out, out.max() - 8.0)
+    return (out + 4.0) / 4.0
+
+
+class _Transcript:
+    """One file's way through openai-whisper's transcription loop, cut in two at the decoding of
+    a window (`window`, then `add`), so that the windows of many files can decode together."""
+
+    def __init__(self, model, tokenizer, audio, language, initial_prompt, condition_on_previous_text, no_speech_threshold, logprob_threshold):
+        self.mel = padded_log_mel(audio, model.dims.n_mels)  # (n_mels, frames + 3000): 30 s of padding at the end
+        self.frames = self.mel.shape[-1] - N_FRAMES
+        self.tokenizer, self.language = tokenizer, language
+        self.prompt_tokens = _prompt_tokens(tokenizer, initial_prompt) if initial_prompt is not None else []
+        self.all_tokens, self.segments = list(self.prompt_tokens), []
+        self.prompt_reset_since = 0
+        self.condition, self.no_speech_threshold, self.logprob_threshold = condition_on_previous_text, no_speech_threshold, logprob_threshold
+        self.seek = 0
+        self.input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per output position: 2
+        self.time_precision = self.input_stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
+
+    @property
+    def done(self):
+        return self.seek >= self.frames
+
+    def window(self):
+        """The mel window (n_mels, 3000) from the current position, and its prompt."""
+        self.size = min(N_FRAMES, self.frames - self.seek)
+        return pad_or_trim(self.mel[:, self.seek:self.seek + self.size], N_FRAMES), self.all_tokens[self.prompt_reset_since:]
+
+    def add(self, result):
+        """Take the decoded window: cut it into segments at pairs of timestamps and move on to the
+        last complete segment's end (or past the window when it ends in silence)."""
+        tokenizer, seek, tb = self.tokenizer, self.seek, self.tokenizer.timestamp_begin
+        skip = self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
+        if skip and self.logprob_threshold is not None and result.avg_logprob > self.logprob_threshold:
+            skip = False  # confident text despite the no-speech probability
+        if skip:
+            self.seek += self.size
+            return []
+        time_offset = float(seek * HOP_LENGTH / SAMPLE_RATE)
+        tokens = result.tokens
+        is_ts = [t >= tb for t in tokens]
+        single_timestamp_ending = is_ts[-2:] == [False, True]
+        cuts = [i + 1 for i in range(len(tokens) - 1) if is_ts[i] and is_ts[i + 1]]  # between consecutive timestamps
+        segments = []
+        if cuts:
+            if single_timestamp_ending:
+                cuts.append(len(tokens))
+            last = 0
+            for cut in cuts:
+                piece = range(last, cut)
+                start = time_offset + (tokens[last] - tb) * self.time_precision
+                end = time_offset + (tokens[cut - 1] - tb) * self.time_precision
+                segments.append(self._segment(start, end, piece, result))
+                last = cut
+            if single_timestamp_ending:
+                self.seek += self.size  # no speech after the last timestamp
+            else:
+                self.seek += (tokens[last - 1] - tb) * self.input_stride  # the unfinished segment is decoded again
+        else:
+            duration = self.size * HOP_LENGTH / SAMPLE_RATE
+            timestamps = [t for t in tokens if t >= tb]
+            if timestamps and timestamps[-1] != tb:
+                duration = (timestamps[-1] - tb) * self.time_precision
+            segments.append(self._segment(time_offset, time_offset + duration, range(len(tokens)), result))
+            self.seek += self.size
+        for s in segments:  # an instantaneous or empty segment keeps its times only
+            if s["start"] == s["end"] or not s["text"].strip():
+                s["text"], s["tokens"] = "", []
+        for s in segments:
+            s["id"] = len(self.segments)
+            self.segments.append(s)
+            self.all_tokens.extend(s["tokens"])
+        if not self.condition or result.temperature > 0.5:
+            self.prompt_reset_since = len(self.all_tokens)  # no prompt after a high-temperature window
+        return segments
+
+    def _segment(self, start, end, piece, result):
+        tokens = [result.tokens[i] for i in piece]
+        segment = dict(seek=self.seek, start=start, end=end, text=self.tokenizer.decode(tokens), tokens=tokens,
+                       temperature=result.temperature, avg_logprob=result.avg_logprob,
+                       compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob)
+        if result.gates is not None:
+            gates = [result.gates[i] for i in piece]
+            segment["gate"] = sum(gates) / len(gates) if gates else None
+        return segment
+
+    def result(self):
+        return dict(text=self.tokenizer.decode(self.all_tokens[len(self.prompt_tokens):]), segments=self.segments, language=self.language)
+
+
+def _needs_fallback(r, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
+    if (no_speech_threshold is not None and r.no_speech_prob > no_speech_threshold
+            and logprob_threshold is not None and r.avg_logprob < logprob_threshold):
+        return False  # silence: no use sampling it again
+    too_repetitive = compression_ratio_threshold is not None and r.compression_ratio > compression_ratio_threshold
+    too_unlikely = logprob_threshold is not None and r.avg_logprob < logprob_threshold
+    return too_repetitive or too_unlikely
+
+
+def transcribe(model, audio, **options):
+    """Transcribe one file (a path, or 16 kHz samples as numpy or torch) as openai-whisper's
+    `transcribe` does. Returns {"text", "segments", "language"}; each segment holds seek, start,
+    end, text, tokens, temperature, avg_logprob, compression_ratio, no_speech_prob, and for dual
+    models the mean gate value. Options: those of `transcribe_many` and `DecodingOptions`."""
+    ((_, result),) = transcribe_many(model, [audio], **options)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@torch.no_grad()
+def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+                    compression_ratio_threshold=2.4, logprob_threshold=-1.0, no_speech_threshold=0.6,
+                    condition_on_previous_text=True, initial_prompt=None, languages=None, **decode_options):
+    """Transcribe files, decoding the current windows of up to `batch_size` files together. Yields
+    (index, result) as each file finishes, where result is what `transcribe` returns or the
+    exception that file raised (unreadable, say), so that one bad file does not stop the others.
+
+    temperature: one, or a sequence tried in turn while a window's text is too repetitive
+    (gzip compression ratio above compression_ratio_threshold) or too unlikely (mean logprob
+    below logprob_threshold), unless it is silence (no-speech probability above
+    no_speech_threshold). Windows whose no-speech probability is high and whose text is unlikely
+    are skipped. condition_on_previous_text: give each window the text so far as its prompt.
+    initial_prompt: text for the first window's prompt. languages: one per file, overriding
+    decode_options["language"]; None detects each file's language (multilingual models) on its
+    first 30 seconds. verbose: True prints each segment, False shows a progress bar."""
+    import tqdm
+
+    temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    tokenizer = get_tokenizer(model, task=decode_options.get("task", "transcribe"))
+    DecodingOptions(**{k: v for k, v in decode_options.items() if k not in ("best_of", "beam_size", "patience")})  # check them now
+    pending = iter(enumerate(audios))
+    active = []  # (index, _Transcript)
+    with tqdm.tqdm(total=0, unit="s", unit_scale=True, disable=verbose is not False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
+        while True:
+            while len(active) < batch_size:
+                item = next(pending, None)
+                if item is None:
+                    break
+                i, audio = item
+                try:
+                    if isinstance(audio, (str, Path)):
+                        audio = load_audio(audio)
+                    language = languages[i] if languages is not None else decode_options.get("language")
+                    if language is not None:
+                        language = tokenizer.to_language_code(language) if tokenizer.multilingual else "en"
+                    elif not tokenizer.multilingual:
+                        language = "en"
+                    t = _Transcript(model, tokenizer, audio, language, initial_prompt, condition_on_previous_text, no_speech_threshold, logprob_threshold)
+                except (OSError, ValueError, RuntimeError) as e:
+                    yield i, e
+                    continue
+                if t.done:
+                    yield i, t.result()
+                    continue
+                bar.total += t.frames / FRAMES_PER_SECOND
+                bar.refresh()
+                active.append((i, t))
+            if not active:
+                return
+
+            windows = [t.window() for _, t in active]
+            mel = torch.stack([w[0] for w in windows])
+            features = encode_audio(model, mel)
+            base = KVCache(model, features, 1)
+            unknown = [j for j, (_, t) in enumerate(active) if t.language is None]
+            if unknown:  # detect on the first 30 s, as openai-whisper does (padding included)
+                first = torch.stack([active[j][1].mel[:, :N_FRAMES] for j in unknown])
+                if torch.equal(first, mel[unknown]):
+                    codes, _ = detect_language(model, base.rows(unknown, 1) if len(unknown) < len(active) else base, tokenizer)
+                else:
+                    codes, _ = detect_language(model, first, tokenizer)
+                for j, code in zip(unknown, codes):
+                    active[j][1].language = code
+                    if verbose:
+                        print(f"Detected language: {LANGUAGES[code].title()}")
+            results = [None] * len(active)
+            todo = list(range(len(active)))
+            for temp in temperatures:
+                kw = dict(decode_options, language=None)
+                kw.pop("best_of" if temp == 0 else "beam_size", None)
+                if temp > 0:
+                    kw.pop("patience", None)
+                options = DecodingOptions(**kw, temperature=temp)
+                out = _decode(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo])
+                again = []
+                for j, r in zip(todo, out):
+                    results[j] = r
+                    if _needs_fallback(r, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
+                        again.append(j)
+                todo = again
+                if not todo:
+                    break
+            still = []
+            for (i, t), r in zip(active, results):
+                before = min(t.seek, t.frames)
+                for s in t.add(r):
+                    if verbose:
+                        print(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}")
+                bar.update((min(t.seek, t.frames) - before) / FRAMES_PER_SECOND)
+                if t.done:
+                    yield i, t.result()
+                else:
+                    still.append((i, t))
+            active = still
+
+
+def format_timestamp(seconds, always_include_hours=False, decimal_marker="."):
+    """12.5 -> "00:12.500" (hours shown when there are any, or always)."""
+    ms = round(seconds * 1000.0)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    hours_marker = f"{hours:02d}:" if always_include_hours or hours > 0 else ""
+    return f"{hours_marker}{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
+
+
+# -----------------------------------------------------------------------------
+# text normalisation for word error rates: Whisper-style, so that "Mr. Smith said twenty-five
+# percent!" and "mister smith said 25%" count as the same words
+
+_FILLERS = {"uh", "um", "uhm", "umm", "er", "erm", "ah", "eh", "hmm", "hm", "mm", "mmm", "mhm", "huh"}
+_CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"),
+                 (r"\blet's\b", "let us"), (r"\bain't\b", "is not"), (r"\bgonna\b", "going to"),
+                 (r"\bwanna\b", "want to"), (r"\bgotta\b", "got to"), (r"n't\b", " not"), (r"'re\b", " are"),
+                 (r"'ll\b", " will"), (r"'ve\b", " have"), (r"'m\b", " am"), (r"'d\b", " would")]
+_TITLES = {"mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "prof": "professor", "st": "saint",
+           "jr": "junior", "sr": "senior", "vs": "versus"}
+_SMALL = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                     "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_SMALL.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
+_SCALES = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+
+
+def _spoken_numbers(words):
+    """Spelled-out cardinals to digits: "two hundred and five" -> "205", "one two" -> "1 2"."""
+    out, total, part, active = [], 0, 0, False
+
+    def flush():
+        nonlocal total, part, active
+        if active:
+            out.append(str(total + part))
+        total, part, active = 0, 0, False
+
+    for i, w in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if w in _SMALL:
+            v = _SMALL[w]
+            fits = part % 100 == 0 or (part % 100 >= 20 and part % 10 == 0 and v < 10)
+            if active and not (fits and (part or total)):
+                flush()
+            part, active = part + v, True
+        elif w == "hundred" and active and part % 100:
+            part = part * 100
+        elif w in _SCALES and active and total % (_SCALES[w] * 1000) == 0:  # larger scales first
+            total, part = total + part * _SCALES[w], 0
+        elif w == "and" and active and (nxt in _SMALL):
+            continue
+        else:
+            flush()
+            out.append(w)
+    flush()
+    return out
+
+
+def normalize_text(text, english=True):
+    """Lower case, no punctuation, bracketed asides and fillers removed, contractions expanded,
+    spelled numbers as digits (English); for other languages only case, brackets and
+    punctuation, with letters and their diacritics kept."""
+    import re
+    import unicodedata
+
+    s = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    s = re.sub(r"[<\[][^>\]]*[>\]]|\([^)]*\)", " ", s)  # [music], <unk>, (laughs)
+    if not english:
+        s = "".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in unicodedata.normalize("NFC", s))
+        return " ".join(s.split())
+    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    for pattern, replacement in _CONTRACTIONS:
+        s = re.sub(pattern, replacement, s)
+    s = re.sub(r"(\d),(?=\d{3}\b)", r"\1", s)  # 1,000 -> 1000
+    s = re.sub(r"(\d)\.(?=\d)", r"\1<point>", s)  # keep decimal points
+    s = re.sub(r"\bper cent\b", "percent", s.replace("%", " percent "))
+    s = re.sub(r"[^a-z0-9<>' ]+", " ", s.replace("-", " ").replace("&", " and ")).replace("'", "")
+    words = [_TITLES.get(w, w) for w in s.split() if w not in _FILLERS]
+    s = " ".join(_spoken_numbers(words)).replace("<point>", ".")
+    s = re.sub(r"\b(\d+) point ((?:\d )*\d)\b", lambda m: m[1] + "." + m[2].replace(" ", ""), s)
+    s = re.sub(r"\b([\d.]+) percent\b", r"\1%", s)
+    return " ".join(s.split())
