@@ -330,7 +330,7 @@ def _tokenizer(folder, n_vocab, mtime):
 
 
 def resolve_tokenizer(name):
-    """(tokenizer, description, n_text_ctx) for --model: a checkpoint or tokenizer folder, an official
+    """(tokenizer, its entry for meta.json, n_text_ctx) for --model: a checkpoint or tokenizer folder, an official
     name or a hub id, found the way dualwhisper.load_model finds them but fetching the tokenizer files
     only."""
     path = Path(os.path.expanduser(str(name)))
@@ -545,7 +545,8 @@ class LocalSource:
 class ParquetSource:
     """Parquet shards of a Hugging Face dataset (an `audio` column of {bytes, path} structs or raw
     bytes, a text column), from a local folder or from the hub, one shard at a time: a hub shard is
-    downloaded into the work folder (the next one while this one is processed) and deleted once read."""
+    downloaded into the work folder (the next one while this one is processed) and deleted once read.
+    Utterance ids come from `id_column`, or are "{shard name}/{row}"."""
 
     def __init__(self, name, split="train", audio_column="audio", text_column="text", id_column=None,
                  language_column=None, revision=None):
@@ -576,7 +577,8 @@ class ParquetSource:
             raise PrepareError(f"--hf_dataset {name}: no such folder, and not a hub id like LocalDoc/azerbaijani_asr")
         self.files = [f for f in files if split in re.split(r"[/._-]", f)]
         if not self.files:
-            raise PrepareError(f"no parquet shards of split {split!r} in {name} (found: {', '.join(files[:5]) or 'none'}); pass --hf_split")
+            raise PrepareError(f"no parquet shards of split {split!r} in {name} (found: {', '.join(files[:5]) or 'none'}); pass --hf_split"
+                               + ("" if files or local.is_dir() else ", or --hf_revision refs/convert/parquet for a dataset stored in another format"))
         self.description = f"{name} split {split}" + (f" at {self.revision}" if self.revision else "")
         self.signature = {"dataset": str(local.resolve()) if self.local else name, "revision": self.revision,
                           "files": [[f, sizes.get(f)] for f in self.files], "columns": self.columns}
