@@ -826,6 +826,10 @@ def _remap(state, table, source):
 def _resolve(name_or_path):
     """A local folder for a model name, hub id or path; downloads only the files a model needs."""
     path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir() and not (path / "config.json").exists():  # a train.py run folder: its best checkpoint, else its latest
+        for sub in ("best", "latest"):
+            if (path / sub / "config.json").exists():
+                return path / sub
     if path.exists():
         return path
     name = str(name_or_path)
@@ -979,18 +983,31 @@ def save_model(model, folder, extra=None):
 # -----------------------------------------------------------------------------
 # noise: the same mixing for training augmentation and for evaluation at fixed SNRs
 
-
-def power(x, dim=-1):
-    """Mean power of signals (..., n), floored so that silence does not divide by zero."""
-    return x.float().pow(2).mean(dim=dim).clamp_min(1e-10)
+NOISE_KINDS = ("bank", "white", "pink", "brown", "babble", "talker")
 
 
-def mix_at_snr(clean, noise, snr_db):
+def power(x, dim=-1, lengths=None):
+    """Mean power of signals (..., n), over the first `lengths` samples of each row when given
+    (lengths: (...,)); floored so that silence does not divide by zero."""
+    x = x.float()
+    if lengths is None:
+        return x.pow(2).mean(dim=dim).clamp_min(1e-10)
+    lengths = torch.as_tensor(lengths, device=x.device)
+    valid = torch.arange(x.shape[-1], device=x.device) < lengths[..., None]
+    return (x.pow(2) * valid).sum(-1).div(lengths.clamp_min(1)).clamp_min(1e-10)
+
+
+def mix_at_snr(clean, noise, snr_db, lengths=None):
     """clean + noise scaled so that the clean-to-noise power ratio is `snr_db` decibels.
-    clean, noise: (B, n) on any device; snr_db: a number or (B,). Powers are measured over the
-    whole signal (zero padding included on both, so give equal-length signals)."""
+    clean, noise: (B, n) on any device; snr_db: a number or (B,), +inf for no noise. Without
+    `lengths` powers are measured over the whole signal (give equal-length signals); with lengths
+    (B,) over each row's first lengths[b] samples, and the noise stops there, so that the zero
+    padding after a clip stays silent."""
     snr_db = torch.as_tensor(snr_db, dtype=torch.float32, device=clean.device)
-    scale = torch.sqrt(power(clean) / (power(noise) * 10 ** (snr_db / 10)))  # (B,)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=clean.device)
+        noise = noise * (torch.arange(noise.shape[-1], device=clean.device) < lengths[..., None])
+    scale = torch.sqrt(power(clean, lengths=lengths) / (power(noise, lengths=lengths) * 10 ** (snr_db / 10)))  # (B,)
     return clean + scale[..., None].to(clean.dtype) * noise
 
 
@@ -1021,6 +1038,165 @@ def babble(utterances, n_talkers=4, generator=None):
         talker = utterances[other].float().roll(shift, dims=-1)
         out += talker / power(talker).sqrt()[..., None]
     return out
+
+
+def _rng(seed, stream, key):
+    """A numpy generator for one clip: `key` (an int or a tuple of ints) names the clip, `stream`
+    the use (1: noise, 2: SpecAugment), so that draws never depend on batch, rank or device."""
+    return np.random.default_rng([int(seed), stream, *(int(k) for k in np.atleast_1d(key))])
+
+
+def _clip(source, i):
+    """Clip i of a noise or speech source as float32: a prepare.PreparedSplit (int16) or a list of
+    float arrays."""
+    if hasattr(source, "audio"):
+        return np.asarray(source.audio(i), dtype=np.float32) / 32768.0
+    return np.asarray(source[i], dtype=np.float32)
+
+
+def _clip_len(source, i):
+    return int(source.lengths[i]) if hasattr(source, "lengths") else len(source[i])
+
+
+def _looped(x, n, offset):
+    """n samples of x played in a loop from `offset`."""
+    if len(x) == 0:
+        return np.zeros(n, dtype=np.float32)
+    return x[(offset + np.arange(n)) % len(x)]
+
+
+class NoiseMixer:
+    """Noise added to batches of speech on their own device, drawn per clip from (seed, key): the
+    same key always gets the same noise whatever the batch, rank or device, so that a run resumes
+    exactly, any number of ranks trains on the same data, and evaluation conditions repeat.
+
+    kinds: {kind: probability}; what is left of 1 stays clean. The kinds:
+      bank              a stretch of a recording of `bank` (prepare.py's noise split), from a
+                        random start, looped to the clip's length
+      white/pink/brown  Gaussian noise with a 1/f^0, 1/f, 1/f^2 power spectrum
+      babble            babble_talkers (low, high) utterances of `pool`, each looped from a random
+                        start at unit power, summed
+      talker            one other utterance of `pool` overlapping the clip, starting in its first half
+    Every kind is mixed at an SNR drawn uniformly from snr_db (low, high), except "talker", whose
+    level below the speech is drawn from talker_db (low, high). The SNR is measured over the clip,
+    and the noise stops where the clip ends. bank, pool: prepare.PreparedSplit or lists of float
+    arrays at 16 kHz."""
+
+    def __init__(self, kinds, bank=None, pool=None, snr_db=(0.0, 20.0), talker_db=(5.0, 15.0), babble_talkers=(3, 6), seed=0):
+        unknown = sorted(set(kinds) - set(NOISE_KINDS))
+        if unknown:
+            raise ValueError(f"unknown noise kind {unknown[0]!r}; the kinds are {', '.join(NOISE_KINDS)}")
+        self.kinds = [k for k in NOISE_KINDS if kinds.get(k, 0) > 0]
+        self.p = np.array([float(kinds[k]) for k in self.kinds])
+        if any(not 0 <= float(p) <= 1 for p in kinds.values()) or self.p.sum() > 1 + 1e-6:
+            raise ValueError(f"noise probabilities must lie in [0, 1] and sum to at most 1, not {dict(kinds)}")
+        if "bank" in self.kinds and (bank is None or len(bank) == 0):
+            raise ValueError("noise kind 'bank' needs a noise bank: prepare one with `prepare.py --noise_dir` (split 'noise')")
+        if ({"babble", "talker"} & set(self.kinds)) and (pool is None or len(pool) < 2):
+            raise ValueError("noise kinds 'babble' and 'talker' need a pool of at least two other utterances")
+        for name, (lo, hi) in (("snr_db", snr_db), ("talker_db", talker_db), ("babble_talkers", babble_talkers)):
+            if lo > hi:
+                raise ValueError(f"{name} must be a range (low, high) with low <= high, not {(lo, hi)}")
+        if babble_talkers[0] < 1:
+            raise ValueError(f"babble needs at least one talker, not {babble_talkers}")
+        self.bank, self.pool, self.seed = bank, pool, seed
+        self.snr_db, self.talker_db, self.babble_talkers = tuple(snr_db), tuple(talker_db), tuple(babble_talkers)
+
+    @classmethod
+    def fixed(cls, kind, snr_db, bank=None, pool=None, babble_talkers=4, seed=0):
+        """Every clip with `kind` at exactly `snr_db` (for "talker": that many dB below the speech):
+        an evaluation condition, e.g. NoiseMixer.fixed("babble", 5, pool=val_split)."""
+        return cls({kind: 1.0}, bank, pool, (snr_db, snr_db), (snr_db, snr_db), (babble_talkers, babble_talkers), seed)
+
+    def _others(self, rng, k, exclude):
+        """k indices of `pool`, never `exclude` (the clip itself), distinct while the pool allows."""
+        n = len(self.pool) - (exclude is not None)
+        picks = rng.choice(n, size=k, replace=k > n)
+        return [int(j) + (exclude is not None and j >= exclude) for j in picks]
+
+    def draw(self, key, length, exclude=None):
+        """The recipe for one clip of `length` samples: {"kind": None (clean) or a kind, "snr_db",
+        "seed" (coloured noise), "pieces": [(index, offset)] or [(index, start)] for talker}."""
+        rng = _rng(self.seed, 1, key)
+        i = int(np.searchsorted(np.cumsum(self.p), rng.random(), side="right"))
+        if i >= len(self.kinds):
+            return {"kind": None}
+        kind = self.kinds[i]
+        lo, hi = self.talker_db if kind == "talker" else self.snr_db
+        recipe = {"kind": kind, "snr_db": float(rng.uniform(lo, hi)), "pieces": []}
+        if kind in ("white", "pink", "brown"):
+            recipe["seed"] = int(rng.integers(2**62))
+        elif kind == "bank":
+            j = int(rng.integers(len(self.bank)))
+            recipe["pieces"] = [(j, int(rng.integers(max(1, _clip_len(self.bank, j)))))]
+        elif kind == "babble":
+            n = int(rng.integers(self.babble_talkers[0], self.babble_talkers[1] + 1))
+            recipe["pieces"] = [(j, int(rng.integers(max(1, _clip_len(self.pool, j))))) for j in self._others(rng, n, exclude)]
+        else:  # talker
+            recipe["pieces"] = [(self._others(rng, 1, exclude)[0], int(rng.integers(max(1, length // 2))))]
+        return recipe
+
+    def noise(self, recipes, lengths, n, device="cpu"):
+        """The unscaled noise (B, n) of a batch of recipes, zero beyond each clip's length:
+        coloured noise generated on `device`, recordings and talkers gathered from their sources."""
+        out = torch.zeros(len(recipes), n, device=device)
+        gathered = np.zeros((len(recipes), n), dtype=np.float32)
+        rows = []
+        for b, (r, L) in enumerate(zip(recipes, lengths)):
+            kind = r["kind"]
+            if kind is None or L == 0:
+                continue
+            if kind in ("white", "pink", "brown"):
+                g = torch.Generator(device=device).manual_seed(r["seed"])
+                out[b, :L] = coloured_noise((L,), kind, generator=g, device=device)
+                continue
+            rows.append(b)
+            if kind == "bank":
+                (j, offset), = r["pieces"]
+                gathered[b, :L] = _looped(_clip(self.bank, j), L, offset)
+            elif kind == "babble":
+                for j, offset in r["pieces"]:
+                    x = _looped(_clip(self.pool, j), L, offset)
+                    gathered[b, :L] += x / np.sqrt(max(float(np.mean(x.astype(np.float64) ** 2)), 1e-10))
+            else:  # talker
+                (j, start), = r["pieces"]
+                x = _clip(self.pool, j)[: L - start]
+                gathered[b, start:start + len(x)] = x
+        if rows:
+            out[rows] += torch.from_numpy(gathered[rows]).to(device, non_blocking=True)
+        return out
+
+    def __call__(self, audio, lengths, keys, exclude=None):
+        """audio: (B, n) float speech, zero after lengths[b]; keys: one int (or tuple of ints) per
+        clip; exclude: per clip its own index in `pool` (never mixed with itself), or None.
+        Returns the noisy batch on audio's device."""
+        B, n = audio.shape
+        lengths = [min(int(L), n) for L in lengths]
+        recipes = [self.draw(k, L, None if exclude is None else int(exclude[b])) for b, (k, L) in enumerate(zip(keys, lengths))]
+        noise = self.noise(recipes, lengths, n, audio.device)
+        snr = torch.tensor([r["snr_db"] if r["kind"] else float("inf") for r in recipes], device=audio.device)
+        return mix_at_snr(audio, noise, snr, lengths)
+
+
+def spec_augment(mel, frames, keys, seed=0, freq_masks=2, freq_width=27, time_masks=2, time_width=0.05):
+    """SpecAugment (Park et al., 2019) without time warping: per clip, `freq_masks` bands of up to
+    `freq_width` mel bins, and `time_masks` spans of up to `time_width` of its `frames` (the frames
+    that hold speech), set to the clip's mean; drawn from (seed, key) like the noise.
+    mel: (B, n_mels, T) on any device."""
+    B, M, T = mel.shape
+    mask = np.zeros((B, M, T), dtype=bool)
+    for b, key in enumerate(keys):
+        rng, L = _rng(seed, 2, key), min(int(frames[b]), T)
+        for _ in range(freq_masks):
+            w = int(rng.integers(0, min(freq_width, M) + 1))
+            f0 = int(rng.integers(0, M - w + 1))
+            mask[b, f0:f0 + w, :] = True
+        for _ in range(time_masks):
+            w = int(rng.integers(0, int(time_width * L) + 1))
+            t0 = int(rng.integers(0, max(1, L - w + 1)))
+            mask[b, :, t0:t0 + w] = True
+    mask = torch.from_numpy(mask).to(mel.device, non_blocking=True)
+    return torch.where(mask, mel.mean(dim=(1, 2), keepdim=True), mel)
 
 
 # -----------------------------------------------------------------------------

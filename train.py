@@ -1,0 +1,727 @@
+"""
+train.py: fine-tune dual-attention Whisper from official weights on prepared data, under noise.
+
+  python prepare.py --demo && python train.py     # the demo: tiny.en on data/demo, on a CPU, minutes
+  python train.py --data data/az --init_from openai/whisper-small --out_dir out/az --max_iters 20000 ...
+  torchrun --standalone --nproc_per_node=8 train.py --data data/az ...        # one node, 8 GPUs
+  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
+  python train.py --out_dir out/az --resume       # go on after a stop or a kill
+
+The file reads top to bottom: config, setup, data, model, optimizer, evaluation, then the loop.
+A run folder holds latest/ (weights plus everything a resume needs) and best/ (the best evaluation
+so far), each a folder that dualwhisper.load_model and `sample.py --model` read, and log.jsonl.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dualwhisper as dw
+from prepare import PreparedSplit
+
+SHARED = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+DEFAULT_MODEL = str(SHARED / "models" / "whisper-tiny.en") if (SHARED / "models" / "whisper-tiny.en").is_dir() else "tiny.en"
+DEFAULT_NOISE = "bank:0.3,white:0.05,pink:0.05,brown:0.05,babble:0.2,talker:0.15"
+
+
+class TrainError(Exception):
+    """A problem with the user's input or settings: reported in one line, exit status 2."""
+
+
+# -----------------------------------------------------------------------------
+# config: argparse flags (nanoGPT's names where it has one); the defaults are the CPU demo
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="a TOML or JSON file of flag values, e.g. max_iters = 5000 (data, never executed); "
+                                    "flags given on the command line win")
+    g.add_argument("--data", default="data/demo", help="a prepare.py output folder (splits train, val and optionally noise)")
+    g.add_argument("--out_dir", default="out", help="the run folder: latest/, best/ and log.jsonl")
+    g.add_argument("--init_from", default=DEFAULT_MODEL, help="weights to start from: an official name (tiny.en, small), a hub id, "
+                                                              "a folder in the hub layout, an OpenAI .pt file, or one of our folders")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from latest/: weights, optimizer, scaler, "
+                                                         "RNG and data position; the stored config is the default for every flag")
+    g.add_argument("--plain", action="store_true", help="train plain single-cross-attention Whisper with this loop (the baseline)")
+    g.add_argument("--freeze", default="encoder", help="parts kept fixed, comma-separated: encoder, decoder (the primary decoder), "
+                                                       "base (everything but the new dual-attention parts); or none")
+    g.add_argument("--seed", type=int, default=1337, help="seed of the data order, the noise and the new parameters")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_iters", type=int, default=40, help="optimizer steps in all")
+    g.add_argument("--batch_size", type=int, default=8, help="global batch: clips per optimizer step over all ranks and micro-steps")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step on each rank")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the pretrained parameters")
+    g.add_argument("--dual_lr_mult", type=float, default=10.0, help="learning-rate multiplier of the new parts (second "
+                                                                    "cross-attention, its norm, the gate), so that the gate opens in a short fine-tune")
+    g.add_argument("--min_lr", type=float, default=None, help="learning rate at the end of the cosine decay (default learning_rate / 10)")
+    g.add_argument("--warmup_iters", type=int, default=5, help="linear warmup steps")
+    g.add_argument("--lr_decay_iters", type=int, default=None, help="steps of cosine decay (default max_iters)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay of linear and conv weights (never norms, "
+                                                                    "biases, embeddings or gates)")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses in a row (each is skipped)")
+    g = p.add_argument_group("noise augmentation (on the device, drawn per clip from the seed and its data position)")
+    g.add_argument("--noise", default=DEFAULT_NOISE, help="kind:probability per clip, comma-separated; the rest stays clean. Kinds: "
+                                                          "bank (the data's noise split), white, pink, brown, babble, talker (a second "
+                                                          "speaker at a lower level); 'none' for clean training")
+    g.add_argument("--snr_db", type=float, nargs=2, default=[0.0, 20.0], metavar=("LOW", "HIGH"), help="SNR range of the noise")
+    g.add_argument("--talker_db", type=float, nargs=2, default=[5.0, 15.0], metavar=("LOW", "HIGH"),
+                   help="how many dB the second talker is below the speech")
+    g.add_argument("--babble_talkers", type=int, nargs=2, default=[3, 6], metavar=("LOW", "HIGH"), help="talkers in a babble")
+    g.add_argument("--spec_augment", action="store_true", help="SpecAugment: 2 frequency and 2 time masks per clip")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval_interval", type=int, default=20, help="evaluate and save latest/ (and best/) every this many steps")
+    g.add_argument("--eval_samples", type=int, default=16, help="validation clips for the loss and the greedy WER/CER (all ranks share them)")
+    g.add_argument("--eval_noise", default="babble", choices=dw.NOISE_KINDS, help="noise of the fixed-SNR evaluation conditions")
+    g.add_argument("--eval_snr", type=float, nargs="*", default=[5.0], help="SNRs (dB) evaluated besides clean speech")
+    g.add_argument("--eval_only", action="store_true", help="evaluate the initial model and stop")
+    g.add_argument("--log_interval", type=int, default=1, help="steps between progress lines")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default: bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on the CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    return p
+
+
+def read_config_file(path, parser):
+    """Flag values from a TOML or JSON file, checked against the parser's flags."""
+    path = Path(path)
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(path.read_text())
+        else:
+            values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"config file not found: {path}") from None
+    except Exception as e:
+        raise TrainError(f"cannot read config file {path}: {e}") from None
+    return checked_values(values, parser, f"config file {path}")
+
+
+def checked_values(values, parser, source):
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in values.items():
+        if key not in actions or key in ("help", "config", "resume"):
+            raise TrainError(f"{source}: unknown setting {key!r}")
+        action = actions[key]
+        if action.type is not None and value is not None:
+            try:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            except (TypeError, ValueError):
+                raise TrainError(f"{source}: {key} = {value!r} is not a valid value") from None
+        out[key] = value
+    return out
+
+
+def parse_config(argv=None):
+    """defaults < the stored config of a resumed run < --config file < command line."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    defaults = {}
+    if args.resume:
+        ckpt = find_latest(args.out_dir)
+        if ckpt is None:
+            raise TrainError(f"--resume: no checkpoint in {args.out_dir} (expected {args.out_dir}/latest/state.pt)")
+        stored = json.loads((ckpt / "config.json").read_text())["train_config"]
+        defaults.update(checked_values({k: v for k, v in stored.items() if k not in ("resume", "config")}, parser, f"{ckpt}/config.json"))
+    if args.config:
+        defaults.update(read_config_file(args.config, parser))
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def resolve(args):
+    """Fill in the automatic settings and check the rest; the result is printed and stored."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(args.device).type
+    if args.dtype is None:
+        args.dtype = "float32" if device_type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    if args.compile is None:
+        args.compile = device_type == "cuda"
+    if args.min_lr is None:
+        args.min_lr = args.learning_rate / 10
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.max_iters
+    args.freeze = ",".join(sorted(parse_freeze(args.freeze))) or "none"
+    parse_noise(args.noise)
+    for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "max_bad_steps"):
+        if getattr(args, name) < (0 if name == "max_iters" else 1):
+            raise TrainError(f"--{name} must be positive, not {getattr(args, name)}")
+    return args
+
+
+def parse_freeze(value):
+    parts = {p.strip() for p in value.split(",") if p.strip()} - {"none"}
+    unknown = parts - {"encoder", "decoder", "base"}
+    if unknown:
+        raise TrainError(f"--freeze: unknown part {sorted(unknown)[0]!r}; choose from encoder, decoder, base, none")
+    if "base" in parts:
+        parts = (parts - {"base"}) | {"encoder", "decoder"}
+    return parts
+
+
+def parse_noise(value):
+    """'bank:0.3,babble:0.2' -> {'bank': 0.3, 'babble': 0.2}."""
+    if value.strip() in ("", "none"):
+        return {}
+    kinds = {}
+    for item in value.split(","):
+        kind, _, p = item.partition(":")
+        try:
+            kinds[kind.strip()] = float(p)
+        except ValueError:
+            raise TrainError(f"--noise: {item!r} is not kind:probability (e.g. babble:0.2)") from None
+    unknown = set(kinds) - set(dw.NOISE_KINDS)
+    if unknown:
+        raise TrainError(f"--noise: unknown kind {sorted(unknown)[0]!r}; the kinds are {', '.join(dw.NOISE_KINDS)}")
+    if any(not 0 <= p <= 1 for p in kinds.values()) or sum(kinds.values()) > 1 + 1e-6:
+        raise TrainError(f"--noise: probabilities must lie in [0, 1] and sum to at most 1 ({value})")
+    return kinds
+
+
+# -----------------------------------------------------------------------------
+# setup: distributed, device, precision, seeds (one function, as nanochat's compute_init)
+
+
+def setup(args):
+    """Returns (rank, local_rank, world_size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE:
+    NCCL on GPUs, gloo on CPUs."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    device = torch.device(args.device)
+    if ddp:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions where the GPU has them
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    return rank, local_rank, world_size, device
+
+
+def all_sum(values, device, world_size):
+    """Sum a list of numbers over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# data: prepare.py's memmapped splits, an endless shuffled stream, batches on the device
+
+
+class Stream:
+    """The usable clips of a split in a fresh random order every epoch, as one endless stream:
+    position k is clip order(k // n)[k % n]. A run's data position is the next position to read,
+    and a clip's position is the key of its noise, so that any split of a global batch over ranks
+    and micro-steps, and any resume, sees exactly the same data."""
+
+    def __init__(self, clips, seed):
+        self.clips, self.seed, self._orders = np.asarray(clips), seed, {}
+
+    def __getitem__(self, k):
+        epoch, i = divmod(int(k), len(self.clips))
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.clips)}
+        return int(self._orders[epoch][i])
+
+
+def usable_clips(split, n_vocab, n_text_ctx):
+    """Indices of the clips a model can train on, and a count of the others by reason: checked
+    once from the index and token file, so that a bad clip never reaches (or kills) a step."""
+    audio_len, token_len = np.asarray(split.index["audio_len"]), np.asarray(split.index["token_len"])
+    max_token = np.array([split.tokens(i).max(initial=0) for i in range(len(split))], dtype=np.int64)
+    reasons = {"empty audio": audio_len <= 0, "audio over 30 s": audio_len > dw.N_SAMPLES,
+               "too few tokens": token_len < 2, "more tokens than the decoder's context": token_len - 1 > n_text_ctx,
+               "token ids beyond the vocabulary": max_token >= n_vocab}
+    bad = np.zeros(len(split), dtype=bool)
+    counts = {}
+    for reason, mask in reasons.items():
+        counts[reason] = int((mask & ~bad).sum())
+        bad |= mask
+    return np.flatnonzero(~bad), {k: v for k, v in counts.items() if v}
+
+
+def get_batch(split, indices, no_timestamps, eot, n_text_ctx, device):
+    """Audio (B, N_SAMPLES) int16 and lengths on the device, decoder inputs and targets (B, T):
+    targets are the next tokens, -100 on the prompt (start, language, task, <|notimestamps|>) and
+    on padding, so that the loss counts the text and <|endoftext|> only."""
+    audio, seqs = split.batch(indices, dtype=np.int16)
+    lengths = np.minimum(split.lengths[np.asarray(indices)], dw.N_SAMPLES)
+    T = max(len(s) for s in seqs) - 1
+    T = min((T + 7) // 8 * 8, n_text_ctx)  # fewer distinct shapes for torch.compile
+    x = np.full((len(seqs), T), eot, dtype=np.int64)
+    y = np.full((len(seqs), T), -100, dtype=np.int64)
+    prompts = []
+    for b, s in enumerate(seqs):
+        at = np.flatnonzero(s == no_timestamps)
+        n_prompt = int(at[0]) + 1 if len(at) else 1
+        x[b, :len(s) - 1], y[b, n_prompt - 1:len(s) - 1] = s[:-1], s[n_prompt:]
+        prompts.append(tuple(s[:n_prompt].tolist()))
+    pin = device.type == "cuda"
+    to = lambda a: (torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)).to(device, non_blocking=True)
+    return to(audio), torch.as_tensor(lengths), to(x), to(y), prompts
+
+
+def log_mel(audio, lengths, n_mels, mixer=None, keys=None, exclude=None, spec_augment=False, seed=0):
+    """int16 audio (B, N_SAMPLES) on the device -> noisy log-mel (B, n_mels, 3000), on the device."""
+    audio = audio.float() / 32768.0
+    if mixer is not None:
+        audio = mixer(audio, lengths, keys, exclude)
+    mel = dw.log_mel_spectrogram(audio, n_mels)
+    if spec_augment:
+        mel = dw.spec_augment(mel, (lengths + dw.HOP_LENGTH - 1) // dw.HOP_LENGTH, keys, seed)
+    return mel
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: save_model folders, written to a temporary name and renamed into place
+
+
+def find_latest(out_dir):
+    """The newest complete latest/ checkpoint (a kill between two renames leaves latest.old)."""
+    for name in ("latest", "latest.old"):
+        folder = Path(out_dir) / name
+        if (folder / "state.pt").exists() and (folder / "config.json").exists():
+            return folder
+    return None
+
+
+def save_checkpoint(model, out_dir, name, extra, state=None):
+    """Write out_dir/name atomically: a complete folder under a temporary name (weights in
+    safetensors, config.json with `extra`, tokenizer files, and state.pt for a resume), renamed
+    into place; the folder it replaces is renamed away first and removed last."""
+    out_dir = Path(out_dir)
+    source_dir = model.source_dir
+    tmp = out_dir / f".{name}.new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dw.save_model(model, tmp, extra)
+    model.source_dir = source_dir  # save_model points it at the folder it wrote; keep the original
+    if state is not None:
+        torch.save(state, tmp / "state.pt.tmp")
+        os.replace(tmp / "state.pt.tmp", tmp / "state.pt")
+    final, old = out_dir / name, out_dir / f"{name}.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rng_states():
+    """This process's random generators, in types that torch.load(weights_only=True) reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+              "python": [version, list(mt), py_gauss]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt, py_gauss = states["python"]
+    random.setstate((version, tuple(mt), py_gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def param_digest(model):
+    """One int64 per parameter: the sum of its raw bits, equal on two ranks only if the
+    parameters are (almost surely) bit-identical."""
+    return [int(p.detach().float().contiguous().view(torch.int32).sum(dtype=torch.int64)) for p in model.parameters()]
+
+
+# -----------------------------------------------------------------------------
+# optimizer and learning rate
+
+
+def configure_optimizer(model, args, device_type):
+    """AdamW (fused on CUDA) with four groups: {pretrained, new} x {decay, no decay}. Only linear
+    and conv weights decay; the new dual-attention parameters get dual_lr_mult times the
+    learning rate."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        new = dw.is_dual_parameter(name)
+        decay = p.dim() >= 2 and "embedding" not in name and "gate" not in name.split(".")
+        groups.setdefault((new, decay), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": args.weight_decay if decay else 0.0, "lr_mult": args.dual_lr_mult if new else 1.0,
+                     "name": ("new" if new else "pretrained") + (" decay" if decay else "")}
+                    for (new, decay), ps in sorted(groups.items())]
+    if not param_groups:
+        raise TrainError(f"nothing to train: --freeze {args.freeze} leaves no trainable parameters" + (" (--plain has no new parts)" if args.plain else ""))
+    return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=device_type == "cuda")
+
+
+def get_lr(it, args):
+    """Linear warmup, then cosine decay to min_lr over lr_decay_iters."""
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: loss and greedy WER/CER, clean and at fixed SNRs, shared by all ranks
+
+
+def normalize_text(text):
+    """Lower case, punctuation dropped, spaces collapsed: a plain normaliser for every language."""
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[^\w\s']|_", " ", text)
+    return " ".join(text.replace("'", "").split())
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, rank, world_size, device):
+    """{condition: {loss, wer, cer, words}} over `clips` of val, split over the ranks and summed;
+    one encoder pass per batch serves both the loss and the greedy transcripts."""
+    import jiwer
+
+    was_training = model.training
+    model.eval()
+    mine = clips[rank::world_size]
+    results, examples = {}, {}
+    for name, mixer in conditions.items():
+        sums = [0.0] * 6  # loss, tokens, word errors, words, char errors, chars
+        for start in range(0, len(mine), micro_batch):
+            indices = [int(i) for i in mine[start:start + micro_batch]]
+            audio, lengths, x, y, prompts = get_batch(val, indices, tokenizer.no_timestamps, tokenizer.eot, model.dims.n_text_ctx, device)
+            mel = log_mel(audio, lengths, model.dims.n_mels, mixer, keys=indices, exclude=indices)
+            with autocast:
+                features = model.encoder(mel)
+                logits = model.decoder(x, features)
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
+            sums[1] += int((y != -100).sum())
+            for prompt in sorted(set(prompts)):
+                rows = [b for b, p in enumerate(prompts) if p == prompt]
+                max_tokens = min(model.dims.n_text_ctx - len(prompt), 2 * int((y[rows] != -100).sum(1).max()) + 8)
+                with autocast:
+                    hyps = dw.greedy_decode(model, features[rows], tokenizer, prompt=list(prompt), max_tokens=max_tokens)
+                for b, hyp in zip(rows, hyps):
+                    ref = normalize_text(tokenizer.decode(y[b][y[b] != -100].tolist()))
+                    hyp = normalize_text(tokenizer.decode(hyp))
+                    examples.setdefault(name, (ref, hyp))
+                    if not ref:
+                        continue
+                    w, c = jiwer.process_words(ref, hyp), jiwer.process_characters(ref, hyp)
+                    sums[2:] = [sums[2] + w.substitutions + w.deletions + w.insertions, sums[3] + w.hits + w.substitutions + w.deletions,
+                                sums[4] + c.substitutions + c.deletions + c.insertions, sums[5] + c.hits + c.substitutions + c.deletions]
+        loss, tokens, werr, words, cerr, chars = all_sum(sums, device, world_size)
+        results[name] = {"loss": loss / max(tokens, 1), "wer": werr / max(words, 1), "cer": cerr / max(chars, 1), "words": int(words)}
+    model.train(was_training)
+    return results, examples
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    try:
+        args = resolve(parse_config(argv))
+    except TrainError as e:
+        sys.exit(f"train.py: error: {e}")
+    rank, local_rank, world_size, device = setup(args)
+    master = rank == 0
+    device_type = device.type
+    log_file = Path(args.out_dir) / "log.jsonl"
+
+    def log(record, echo=None):
+        if master:
+            if echo:
+                print(echo, flush=True)
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    try:
+        # ---- config, printed and stored in every checkpoint
+        micro_batch, rest = divmod(args.batch_size, world_size * args.gradient_accumulation_steps)
+        if rest or micro_batch == 0:
+            raise TrainError(f"--batch_size {args.batch_size} must be a multiple of ranks ({world_size}) x "
+                             f"--gradient_accumulation_steps ({args.gradient_accumulation_steps})")
+        out_dir = Path(args.out_dir)
+        latest = find_latest(out_dir)
+        if latest is not None and not args.resume and not args.eval_only:
+            raise TrainError(f"{out_dir} already holds a run ({latest.name}/); pass --resume to continue it, or another --out_dir")
+        config = {k: v for k, v in vars(args).items() if k not in ("config",)}
+        if master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            print("config:", json.dumps(config), flush=True)
+
+        # ---- data
+        train_split, val_split = PreparedSplit(args.data, "train"), PreparedSplit(args.data, "val")
+        bank = PreparedSplit(args.data, "noise") if (Path(args.data) / "noise.index.npy").exists() else None
+        noise = parse_noise(args.noise)
+        if "bank" in noise and (bank is None or len(bank) == 0):
+            if args.noise != DEFAULT_NOISE:
+                raise TrainError(f"--noise asks for 'bank' but {args.data} has no noise split; prepare one with prepare.py --noise_dir")
+            noise.pop("bank")  # the default asks for the bank only where there is one
+
+        # ---- model
+        resume = latest if args.resume else None
+        model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
+        if resume is None:  # the new parts of a fresh run: initialised from the seed, equal on all ranks
+            torch.manual_seed(args.seed)
+            for block in model.decoder.blocks:
+                if getattr(block, "dual", False):
+                    block.reset_dual_parameters()
+        tokenizer = dw.get_tokenizer(model)
+        frozen = parse_freeze(args.freeze)
+        for name, p in model.named_parameters():
+            part = name.split(".")[0]
+            p.requires_grad_(not (part in frozen and not dw.is_dual_parameter(name)))
+        model = model.to(device)
+        model.gradient_checkpointing(args.gradient_checkpointing)
+        dims = model.dims
+        train_clips, train_bad = usable_clips(train_split, dims.n_vocab, dims.n_text_ctx)
+        val_clips, val_bad = usable_clips(val_split, dims.n_vocab, dims.n_text_ctx)
+        if len(train_clips) == 0 or len(val_clips) == 0:
+            raise TrainError(f"{args.data}: no usable clips in split {'train' if len(train_clips) == 0 else 'val'} "
+                             f"({train_bad if len(train_clips) == 0 else val_bad})")
+        mixer = dw.NoiseMixer(noise, bank, train_split, args.snr_db, args.talker_db, args.babble_talkers, args.seed) if noise else None
+        conditions = {"clean": None}
+        for snr in args.eval_snr:
+            conditions[f"{args.eval_noise} {snr:g} dB"] = dw.NoiseMixer.fixed(args.eval_noise, snr, bank, val_split, seed=args.seed)
+        eval_clips = val_clips[:args.eval_samples]
+    except TrainError as e:
+        sys.exit(f"train.py: error: {e}")
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        sys.exit(f"train.py: error: {e}")
+
+    if master:
+        print(f"data: {args.data}: train {len(train_clips)} clips, val {len(val_clips)} (evaluating {len(eval_clips)}), "
+              f"noise bank {len(bank) if bank is not None else 0} recordings" +
+              (f"; left out: train {train_bad}" if train_bad else "") + (f", val {val_bad}" if val_bad else ""))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"model: {args.init_from if resume is None else resume} ({'plain' if args.plain else 'dual'}), "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained "
+              f"(frozen: {args.freeze}); {world_size} rank(s), micro-batch {micro_batch} x {args.gradient_accumulation_steps} "
+              f"accumulation x {world_size} = {args.batch_size}; {args.dtype} on {device}{', compiled' if args.compile else ''}", flush=True)
+
+    # ---- optimizer, precision, compile, DDP
+    optimizer = configure_optimizer(model, args, device_type)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    iter_num, position, best, bad_in_a_row, bad_total = 0, 0, None, 0, 0
+    if resume is not None:
+        state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        iter_num, position, best, bad_total = state["iter_num"], state["position"], state["best"], state["bad_steps"]
+        set_rng_states(state["rng"][rank] if len(state["rng"]) == world_size else state["rng"][0])
+        if master:
+            print(f"resuming from {resume} at step {iter_num} (data position {position}, best {best})", flush=True)
+    raw_model = model
+    gates = []  # pre-tanh gate outputs of the current forward, per dual layer (B, T, 1)
+    for block in raw_model.decoder.blocks:
+        if getattr(block, "dual", False):
+            block.gate.register_forward_hook(lambda module, inputs, output: gates.append(output.detach()))
+    if args.compile:
+        model = torch.compile(model)  # before the DDP wrap; checkpoints always come from raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    stream = Stream(train_clips, args.seed)
+
+    def save(name, metrics, rngs=None):
+        """best/ (weights and config) or, with the RNG states of every rank, latest/ (and state.pt)."""
+        extra = {"train_config": config, "iter_num": iter_num, "eval": metrics}
+        state = None
+        if rngs is not None:
+            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num, "position": position,
+                     "best": best, "bad_steps": bad_total, "rng": rngs}
+        folder = save_checkpoint(raw_model, out_dir, name, extra, state)
+        log({"event": "checkpoint", "iter": iter_num, "path": str(folder)})
+
+    def run_eval():
+        if len(eval_clips) == 0:
+            return {}
+        results, examples = evaluate(raw_model, tokenizer, val_split, conditions, eval_clips, micro_batch, autocast, rank, world_size, device)
+        line = " | ".join(f"{k}: loss {v['loss']:.3f} WER {100 * v['wer']:.1f}% CER {100 * v['cer']:.1f}%" for k, v in results.items())
+        log({"event": "eval", "iter": iter_num, "results": results, "examples": examples}, f"eval at step {iter_num}: {line}")
+        for k, (ref, hyp) in examples.items():
+            if master:
+                print(f"  {k}: ref {ref!r}\n  {' ' * len(k)}  hyp {hyp!r}")
+        return results
+
+    if master:
+        log({"event": "config", "config": config, "world_size": world_size, "resume_from": str(resume) if resume else None})
+    history = []  # (iter, results) of each evaluation in this process
+    if args.eval_only:
+        run_eval()
+        return finish(world_size)
+
+    # ---- the loop
+    model.train()
+    start_iter, t_train, n_timed = iter_num, 0.0, 0
+    while True:
+        # evaluate and save every eval_interval steps and at the end; not again at the step a run resumed from
+        if (iter_num % args.eval_interval == 0 or iter_num == args.max_iters) and not (resume is not None and iter_num == start_iter):
+            results = run_eval()
+            improved = False
+            if results:
+                history.append((iter_num, results))
+                score = float(np.mean([r["wer"] for r in results.values()]))  # mean WER over the conditions: lower is better
+                improved = best is None or score < best
+                best = score if improved else best
+            rngs = [rng_states()]
+            if world_size > 1:
+                rngs = [None] * world_size
+                dist.all_gather_object(rngs, rng_states())
+            if master:
+                if improved:
+                    save("best", results)
+                save("latest", results, rngs)
+        if iter_num >= args.max_iters:
+            break
+
+        # one optimizer step: the global batch is positions [position, position + batch_size) of the
+        # stream; micro-step m of rank r takes its m * world_size + r -th slice
+        t0 = time.perf_counter()
+        lr = get_lr(iter_num, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        slices = []
+        for micro_step in range(args.gradient_accumulation_steps):
+            first = position + (micro_step * world_size + rank) * micro_batch
+            keys = list(range(first, first + micro_batch))
+            slices.append((keys, [stream[k] for k in keys]))
+        # the loss is the sum over the global batch's target tokens divided by their number, whatever the split
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        batches = []
+        for keys, indices in slices:
+            audio, lengths, x, y, prompts = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device)
+            batches.append((keys, indices, audio, lengths, x, y))
+        local_tokens = sum(int((b[5] != -100).sum()) for b in batches)
+        global_tokens = all_sum([local_tokens], device, world_size)[0]
+        gate_sum = torch.zeros((), device=device)
+        for micro_step, (keys, indices, audio, lengths, x, y) in enumerate(batches):
+            mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, indices, args.spec_augment, args.seed)
+            last = micro_step == len(batches) - 1
+            sync = model.no_sync() if world_size > 1 and not last else nullcontext()  # gradients all-reduce on the last micro-step
+            gates.clear()
+            with sync:
+                with autocast:
+                    logits = model(mel, x)  # (B, T, n_vocab) float32
+                ce = loss_of(logits, y)  # summed over the target tokens
+                scaler.scale(ce * (world_size / global_tokens)).backward()
+            loss_sum += ce.detach().double()
+            if gates:
+                keep = (y != -100)[None]
+                gate_sum += (torch.tanh(torch.stack(gates)[..., 0].float()) * keep).sum() / max(1, len(gates))
+        # non-finite on any rank: skip the step on every rank, and count it
+        loss_total, gate_total, bad = all_sum([loss_sum.item(), gate_sum.item(), float(not math.isfinite(loss_sum.item()))], device, world_size)
+        loss_value, gate_value = loss_total / global_tokens, gate_total / global_tokens
+        grad_norm = float("nan")
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            log({"event": "skip", "iter": iter_num, "loss": loss_value, "bad_in_a_row": bad_in_a_row},
+                f"step {iter_num}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
+            if bad_in_a_row >= args.max_bad_steps:
+                if master:
+                    print(f"train.py: error: stopping: {bad_in_a_row} non-finite losses in a row at step {iter_num}; "
+                          f"the last good checkpoint is {find_latest(out_dir)}. Lower --learning_rate, or use --dtype "
+                          f"bfloat16/float32 instead of float16", file=sys.stderr, flush=True)
+                finish(world_size)
+                sys.exit(3)
+        else:
+            bad_in_a_row = 0
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf")))
+            if math.isfinite(grad_norm) or scaler.is_enabled():
+                scaler.step(optimizer)  # with float16, the scaler itself skips a step whose gradients overflowed
+                scaler.update()
+            else:  # a finite loss with non-finite gradients (the norm is the same on every rank)
+                bad_total += 1
+                log({"event": "skip", "iter": iter_num, "loss": loss_value, "grad_norm": grad_norm},
+                    f"step {iter_num}: non-finite gradient norm, step skipped ({bad_total} in all)")
+            optimizer.zero_grad(set_to_none=True)
+        position += args.batch_size
+        iter_num += 1
+
+        dt = time.perf_counter() - t0
+        if iter_num > start_iter + 1:  # the first step warms up (and compiles)
+            t_train, n_timed = t_train + dt, n_timed + 1
+        if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
+            per_step = t_train / n_timed if n_timed else dt
+            eta = per_step * (args.max_iters - iter_num)
+            record = {"event": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "gate": gate_value if gates else None, "samples_per_s": args.batch_size / per_step, "skipped": bad_total}
+            log(record, f"step {iter_num}/{args.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}"
+                        + (f", gate {gate_value:+.4f}" if gates else "")
+                        + f", {args.batch_size / per_step:.2f} samples/s, eta {eta / 60:.1f} min")
+
+    # ---- the end: ranks agree on every parameter bit; the WER before and after
+    if world_size > 1:
+        digests = [None] * world_size
+        dist.all_gather_object(digests, param_digest(raw_model))
+        same = all(d == digests[0] for d in digests)
+        log({"event": "ddp_check", "ranks_identical": same, "digests": [sum(d) for d in digests]},
+            f"ranks hold identical parameters: {same}")
+        if not same:
+            raise RuntimeError("ranks diverged: the parameters differ between ranks")
+    if master and len(history) >= 2:
+        (i0, first), (i1, last) = history[0], history[-1]
+        print(f"WER on {len(eval_clips)} held-out clips of {args.data}: " + "; ".join(
+            f"{k}: {100 * first[k]['wer']:.1f}% at step {i0} -> {100 * last[k]['wer']:.1f}% at step {i1}" for k in first))
+    if master:
+        print(f"done: {out_dir}/best (lowest mean WER) and {out_dir}/latest; transcribe with: python sample.py --model {out_dir} FILE")
+    return finish(world_size)
+
+
+def loss_of(logits, targets):
+    """Cross-entropy summed over the target tokens (targets -100 elsewhere)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+def finish(world_size):
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
