@@ -304,9 +304,12 @@ def _decode_chunk(jobs):
 
 
 def _init_worker():
+    import signal
+
     import torch
 
     torch.set_num_threads(1)  # one process per core already
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which ends the pool
 
 
 def split_of(utterance_id, val_fraction):
