@@ -520,9 +520,11 @@ class ResidualAttentionBlock(nn.Module):
         nn.init.zeros_(self.gate.bias)
 
     def cross_kv(self, xa):
-        """Cross-attention keys and values of both branches for one audio window."""
+        """Cross-attention keys and values of both branches for one audio window; only the primary
+        branch's while the gate is exactly zero (as loaded from official weights), since the
+        secondary branch then adds nothing and decoding skips it."""
         kv = [self.cross_attn.kv(xa)]
-        if self.dual:
+        if self.dual and (self.gate.weight.any() or self.gate.bias.any()):
             kv.append(self.cross_attn2.kv(xa))
         return kv
 
@@ -535,12 +537,14 @@ class ResidualAttentionBlock(nn.Module):
                 w1, w2 = [], []
             h = self.cross_attn_ln(x)
             a = self.cross_attn(h, xa, kv=cross_kv[0] if cross_kv else None, weights=w1)
-            if self.dual:
+            if self.dual and (not cross_kv or len(cross_kv) > 1):
                 b = self.cross_attn2(self.cross_attn2_ln(x), xa, kv=cross_kv[1] if cross_kv else None, weights=w2)
                 g = torch.tanh(self.gate(torch.cat([h, a, b], dim=-1)))  # (B, T, 1)
                 a = a + g * (b - a)
+            elif self.dual:  # a closed gate: the secondary branch was skipped
+                g = torch.zeros_like(a[..., :1])
             if details is not None:
-                details.append({"cross_attn": w1[0], "cross_attn2": w2[0] if self.dual else None,
+                details.append({"cross_attn": w1[0], "cross_attn2": w2[0] if w2 else None,
                                 "gate": g[..., 0] if self.dual else None})
             x = x + a
         x = x + self.mlp(self.mlp_ln(x))
@@ -1251,6 +1255,19 @@ class DecodingResult:
     language_probs: dict = None
 
 
+def model_tokenizer(model):
+    """The tokenizer of a model from `load_model`, built once per checkpoint folder (building one
+    takes longer than decoding a short file). Decoding passes language and task explicitly."""
+    if getattr(model, "source_dir", None) is None:
+        return get_tokenizer(model)  # says what is missing
+    return _folder_tokenizer(str(model.source_dir), model.dims.n_vocab)
+
+
+@lru_cache(maxsize=4)
+def _folder_tokenizer(folder, n_vocab):
+    return Tokenizer.from_pretrained(folder, n_vocab=n_vocab)
+
+
 def compression_ratio(text):
     """How well gzip compresses the text: repetition loops compress far better than speech."""
     import zlib
@@ -1289,7 +1306,7 @@ def detect_language(model, mel_or_cache, tokenizer=None):
     """The spoken language of each window, from the logits that follow <|startoftranscript|>:
     mel windows (B, n_mels, 3000), encoder features or a KVCache of them. Returns the codes and,
     per window, a dict of probabilities over the languages."""
-    tokenizer = tokenizer or get_tokenizer(model)
+    tokenizer = tokenizer or model_tokenizer(model)
     if not tokenizer.multilingual:
         raise ValueError("this model is English-only: it has no language tokens to detect a language with")
     base = mel_or_cache if isinstance(mel_or_cache, KVCache) else KVCache(model, encode_audio(model, mel_or_cache), 1)
@@ -1337,11 +1354,11 @@ def _timestamp_rules(logits, sampled, tokenizer, max_initial):
 
 
 @torch.no_grad()
-def _decode(model, tokenizer, base, rows, options, languages, prompts=None, initial=None):
+def _decode(model, tokenizer, base, rows, options, languages, prompts=None, initial=None, gates=False):
     """Decode windows `rows` of `base`, a KVCache that holds the cross-attention keys and values of a
     batch of windows, so that temperature fallback decodes again without the encoder. Each row has
     its language and its prompt (previous-text tokens); rows with prompts of different lengths are
-    left-padded. Returns one DecodingResult per row."""
+    left-padded. gates: add each token's gate value (dual models). Returns one DecodingResult per row."""
     o = options
     B = len(rows)
     n_ctx = model.dims.n_text_ctx
@@ -1481,7 +1498,7 @@ def _decode(model, tokenizer, base, rows, options, languages, prompts=None, init
             tokens=seqs[best], text=text, language=languages[i], avg_logprob=cand_sums[i][best] / (lengths[best] + 1),
             no_speech_prob=no_speech_probs[i] if tokenizer.no_speech is not None else math.nan,
             temperature=o.temperature, compression_ratio=compression_ratio(text)))
-    if model.dims.dual:
+    if gates and model.dims.dual:
         _add_gates(model, base, rows, [initial[i] + r.tokens for i, r in enumerate(results)], [len(s) for s in initial], results)
     return results
 
@@ -1507,7 +1524,7 @@ def decode(model, mel, options=DecodingOptions(), tokenizer=None, **kwargs):
     single = mel.ndim == 2
     mel = mel[None] if single else mel
     options = replace(options, **kwargs) if kwargs else options
-    tokenizer = tokenizer or get_tokenizer(model)
+    tokenizer = tokenizer or model_tokenizer(model)
     base = KVCache(model, encode_audio(model, mel), 1)
     B = mel.shape[0]
     language_probs = [None] * B
@@ -1515,7 +1532,7 @@ def decode(model, mel, options=DecodingOptions(), tokenizer=None, **kwargs):
         languages, language_probs = detect_language(model, base, tokenizer)
     else:
         languages = [tokenizer.to_language_code(options.language) if options.language else "en"] * B
-    results = _decode(model, tokenizer, base, list(range(B)), options, languages)
+    results = _decode(model, tokenizer, base, list(range(B)), options, languages, gates=True)
     for r, p in zip(results, language_probs):
         r.language_probs = p
     return results[0] if single else results
@@ -1687,7 +1704,7 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     import tqdm
 
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
-    tokenizer = get_tokenizer(model, task=decode_options.get("task", "transcribe"))
+    tokenizer = model_tokenizer(model)
     DecodingOptions(**{k: v for k, v in decode_options.items() if k not in ("best_of", "beam_size", "patience")})  # check them now
     pending = iter(enumerate(audios))
     active = []  # (index, _Transcript)
@@ -1700,7 +1717,9 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
                 i, audio = item
                 try:
                     if isinstance(audio, (str, Path)):
-                        audio = load_audio(audio)
+                        path, audio = audio, load_audio(audio)
+                        if len(audio) == 0:
+                            raise ValueError(f"audio file {path} holds no samples")
                     language = languages[i] if languages is not None else decode_options.get("language")
                     if language is not None:
                         language = tokenizer.to_language_code(language) if tokenizer.multilingual else "en"
@@ -1742,7 +1761,7 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
                 if temp > 0:
                     kw.pop("patience", None)
                 options = DecodingOptions(**kw, temperature=temp)
-                out = _decode(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo])
+                out = _decode(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
                 again = []
                 for j, r in zip(todo, out):
                     results[j] = r
