@@ -100,6 +100,7 @@ def test_own_checkpoint_round_trip_is_exact(tiny_en, tmp_path):
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert dw.get_tokenizer(back).encode(" hello") == dw.get_tokenizer(tiny_en).encode(" hello")
+    assert dw.Tokenizer.from_pretrained(out).n_vocab == 51864  # the folder alone says which vocabulary
     plain = dw.load_model(out, dual=False)
     assert not any(dw.is_dual_parameter(k) for k in plain.state_dict())
     # saving again over the same folder replaces it whole and keeps the tokenizer files
