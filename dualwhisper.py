@@ -1184,8 +1184,9 @@ class NoiseMixer:
 
 def spec_augment(mel, frames, keys, seed=0, freq_masks=2, freq_width=27, time_masks=2, time_width=0.05):
     """SpecAugment (Park et al., 2019) without time warping: per clip, `freq_masks` bands of up to
-    `freq_width` mel bins, and `time_masks` spans of up to `time_width` of its `frames` (the frames
-    that hold speech), set to the clip's mean; drawn from (seed, key) like the noise.
+    `freq_width` mel bins and `time_masks` spans of up to `time_width` of its `frames` (the frames
+    that hold speech, the only ones masked: the padding after them stays as decoding sees it), set
+    to the clip's mean; drawn from (seed, key) like the noise.
     mel: (B, n_mels, T) on any device."""
     B, M, T = mel.shape
     mask = np.zeros((B, M, T), dtype=bool)

@@ -260,7 +260,7 @@ def usable_clips(split, n_vocab, n_text_ctx):
     audio_len, token_len = np.asarray(split.index["audio_len"]), np.asarray(split.index["token_len"])
     max_token = np.array([split.tokens(i).max(initial=0) for i in range(len(split))], dtype=np.int64)
     reasons = {"empty audio": audio_len <= 0, "audio over 30 s": audio_len > dw.N_SAMPLES,
-               "too few tokens": token_len < 2, "more tokens than the decoder's context": token_len - 1 > n_text_ctx,
+               "too few tokens": token_len < 2, "more tokens than n_text_ctx": token_len - 1 > n_text_ctx,
                "token ids beyond the vocabulary": max_token >= n_vocab}
     bad = np.zeros(len(split), dtype=bool)
     counts = {}
@@ -401,16 +401,6 @@ def get_lr(it, args):
 # evaluation: loss and greedy WER/CER, clean and at fixed SNRs, shared by all ranks
 
 
-def normalize_text(text):
-    """Lower case, punctuation dropped, spaces collapsed: a plain normaliser for every language."""
-    import re
-    import unicodedata
-
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"[^\w\s']|_", " ", text)
-    return " ".join(text.replace("'", "").split())
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, rank, world_size, device):
     """{condition: {loss, wer, cer, words}} over `clips` of val, split over the ranks and summed;
@@ -426,7 +416,8 @@ def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, ra
         for start in range(0, len(mine), micro_batch):
             indices = [int(i) for i in mine[start:start + micro_batch]]
             audio, lengths, x, y, prompts = get_batch(val, indices, tokenizer.no_timestamps, tokenizer.eot, model.dims.n_text_ctx, device)
-            mel = log_mel(audio, lengths, model.dims.n_mels, mixer, keys=indices, exclude=indices)
+            own = indices if mixer is not None and mixer.pool is val else None  # a clip never babbles over itself
+            mel = log_mel(audio, lengths, model.dims.n_mels, mixer, keys=indices, exclude=own)
             with autocast:
                 features = model.encoder(mel)
                 logits = model.decoder(x, features)
@@ -434,12 +425,13 @@ def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, ra
             sums[1] += int((y != -100).sum())
             for prompt in sorted(set(prompts)):
                 rows = [b for b, p in enumerate(prompts) if p == prompt]
+                english = not tokenizer.multilingual or tokenizer.language_token("en") in prompt
                 max_tokens = min(model.dims.n_text_ctx - len(prompt), 2 * int((y[rows] != -100).sum(1).max()) + 8)
                 with autocast:
                     hyps = dw.greedy_decode(model, features[rows], tokenizer, prompt=list(prompt), max_tokens=max_tokens)
                 for b, hyp in zip(rows, hyps):
-                    ref = normalize_text(tokenizer.decode(y[b][y[b] != -100].tolist()))
-                    hyp = normalize_text(tokenizer.decode(hyp))
+                    ref = dw.normalize_text(tokenizer.decode(y[b][y[b] != -100].tolist()), english)
+                    hyp = dw.normalize_text(tokenizer.decode(hyp), english)
                     examples.setdefault(name, (ref, hyp))
                     if not ref:
                         continue
@@ -458,9 +450,12 @@ def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, ra
 
 def main(argv=None):
     try:
-        args = resolve(parse_config(argv))
+        return run(resolve(parse_config(argv)))
     except TrainError as e:
         sys.exit(f"train.py: error: {e}")
+
+
+def run(args):
     rank, local_rank, world_size, device = setup(args)
     master = rank == 0
     device_type = device.type
@@ -499,12 +494,8 @@ def main(argv=None):
 
         # ---- model
         resume = latest if args.resume else None
+        torch.manual_seed(args.seed)  # new dual-attention parts are drawn from the seed: the same on every rank
         model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
-        if resume is None:  # the new parts of a fresh run: initialised from the seed, equal on all ranks
-            torch.manual_seed(args.seed)
-            for block in model.decoder.blocks:
-                if getattr(block, "dual", False):
-                    block.reset_dual_parameters()
         tokenizer = dw.get_tokenizer(model)
         frozen = parse_freeze(args.freeze)
         for name, p in model.named_parameters():
@@ -519,14 +510,13 @@ def main(argv=None):
             raise TrainError(f"{args.data}: no usable clips in split {'train' if len(train_clips) == 0 else 'val'} "
                              f"({train_bad if len(train_clips) == 0 else val_bad})")
         mixer = dw.NoiseMixer(noise, bank, train_split, args.snr_db, args.talker_db, args.babble_talkers, args.seed) if noise else None
-        conditions = {"clean": None}
-        for snr in args.eval_snr:
-            conditions[f"{args.eval_noise} {snr:g} dB"] = dw.NoiseMixer.fixed(args.eval_noise, snr, bank, val_split, seed=args.seed)
         eval_clips = val_clips[:args.eval_samples]
-    except TrainError as e:
-        sys.exit(f"train.py: error: {e}")
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        sys.exit(f"train.py: error: {e}")
+        conditions = {"clean": None}
+        pool = val_split if len(val_clips) >= 2 else train_split  # babble and talkers never heard in training, where there are enough
+        for snr in args.eval_snr if len(eval_clips) else []:
+            conditions[f"{args.eval_noise} {snr:g} dB"] = dw.NoiseMixer.fixed(args.eval_noise, snr, bank, pool, seed=args.seed)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # data, model or settings the user gave
+        raise TrainError(str(e)) from None
 
     if master:
         print(f"data: {args.data}: train {len(train_clips)} clips, val {len(val_clips)} (evaluating {len(eval_clips)}), "
@@ -656,11 +646,11 @@ def main(argv=None):
         if bad:
             optimizer.zero_grad(set_to_none=True)
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
-            log({"event": "skip", "iter": iter_num, "loss": loss_value, "bad_in_a_row": bad_in_a_row},
-                f"step {iter_num}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
+            log({"event": "skip", "iter": iter_num + 1, "loss": loss_value, "bad_in_a_row": bad_in_a_row},
+                f"step {iter_num + 1}: non-finite loss, step skipped ({bad_in_a_row} in a row, {bad_total} in all)")
             if bad_in_a_row >= args.max_bad_steps:
                 if master:
-                    print(f"train.py: error: stopping: {bad_in_a_row} non-finite losses in a row at step {iter_num}; "
+                    print(f"train.py: error: stopping: {bad_in_a_row} non-finite losses in a row at step {iter_num + 1}; "
                           f"the last good checkpoint is {find_latest(out_dir)}. Lower --learning_rate, or use --dtype "
                           f"bfloat16/float32 instead of float16", file=sys.stderr, flush=True)
                 finish(world_size)
@@ -675,8 +665,8 @@ def main(argv=None):
                 scaler.update()
             else:  # a finite loss with non-finite gradients (the norm is the same on every rank)
                 bad_total += 1
-                log({"event": "skip", "iter": iter_num, "loss": loss_value, "grad_norm": grad_norm},
-                    f"step {iter_num}: non-finite gradient norm, step skipped ({bad_total} in all)")
+                log({"event": "skip", "iter": iter_num + 1, "loss": loss_value, "grad_norm": grad_norm},
+                    f"step {iter_num + 1}: non-finite gradient norm, step skipped ({bad_total} in all)")
             optimizer.zero_grad(set_to_none=True)
         position += args.batch_size
         iter_num += 1

@@ -1,0 +1,431 @@
+"""train.py and the noise section of dualwhisper.py, on CPU: noise at the requested SNR, overfitting a
+few clips, torchrun DDP against one process, kill-and-resume, autocast and compile, freezing, bad
+data and bad settings. Tiny random models keep it fast; real speech comes from jfk.flac."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dualwhisper as dw
+import prepare
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# jfk.flac, cut where the speaker pauses (seconds), with the words of each piece
+PIECES = [((0.3, 2.6), "And so my fellow Americans,"), ((3.2, 6.7), "ask not what your country can do for you,"),
+          ((7.4, 11.0), "ask what you can do for your country.")]
+TINY = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1, n_vocab=51864,
+            n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=2)
+
+
+# -----------------------------------------------------------------------------
+# fixtures: a tiny random model beside the real tokenizer, and small prepared corpora
+
+
+def tiny_model(folder, tiny_en_dir, seed=0, **dims):
+    """A random dual Whisper of TINY dimensions saved as one of our folders (with tiny.en's tokenizer)."""
+    torch.manual_seed(seed)
+    model = dw.Whisper(dw.ModelDimensions(**{**TINY, **dims}))
+    model.source_dir = tiny_en_dir
+    return dw.save_model(model, folder)
+
+
+def write_corpus(folder, tokenizer, train_clips, val_clips, noise=()):
+    prompt = [tokenizer.sot, tokenizer.no_timestamps]
+    for split, clips in (("train", train_clips), ("val", val_clips), ("noise", noise)):
+        if split == "noise" and not clips:
+            continue
+        w = prepare.SplitWriter(folder, split)
+        for i, (audio, text) in enumerate(clips):
+            tokens = prompt + tokenizer.encode(" " + text.strip()) + [tokenizer.eot] if text else []
+            w.add(audio, tokens, {"id": f"{split}-{i}", "text": text})
+        w.close()
+    return folder
+
+
+def piece(audio, span):
+    a, b = (int(t * dw.SAMPLE_RATE) for t in span)
+    return audio[a:b]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_en_dir):
+    return dw.get_tokenizer(tiny_en_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_en_dir):
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "model", tiny_en_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer, jfk_audio):
+    """8 training clips (the three pieces, shifted a little), 2 validation clips, a noise bank."""
+    rng = np.random.default_rng(0)
+    train_clips = []
+    for i in range(8):
+        (a, b), text = PIECES[i % 3]
+        shift = 0.1 * (i // 3)
+        train_clips.append((piece(jfk_audio, (a + shift, b)), text))
+    val = [(piece(jfk_audio, span), text) for span, text in PIECES[:2]]
+    noise = [(0.1 * rng.standard_normal(5 * dw.SAMPLE_RATE).astype(np.float32), ""),
+             (0.1 * dw.coloured_noise((7 * dw.SAMPLE_RATE,), "brown", generator=torch.Generator().manual_seed(1)).numpy(), "")]
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "data", tokenizer, train_clips, val, noise)
+
+
+def run_train(*flags, check=True, env=None, **kw):
+    """train.py as a subprocess: (returncode, stdout, stderr)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, flags)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.returncode, p.stdout, p.stderr
+
+
+def train_main(flags):
+    """train.py in this process (faster than a subprocess), with flags of any type."""
+    return train.main([str(f) for f in flags])
+
+
+def records(out_dir, event):
+    out = []
+    for line in (Path(out_dir) / "log.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # the last line of a log being written
+            continue
+        if r["event"] == event:
+            out.append(r)
+    return out
+
+
+def losses(out_dir):
+    """{iter: loss}, the last record of each step winning (a resumed run logs its steps again)."""
+    return {r["iter"]: r["loss"] for r in records(out_dir, "train")}
+
+
+def quick(corpus, model_dir, out_dir, *flags):
+    """Flags of a short CPU run on the test corpus."""
+    return ["--data", corpus, "--init_from", model_dir, "--out_dir", out_dir, "--batch_size", 4, "--eval_samples", 0,
+            "--warmup_iters", 0, "--learning_rate", 1e-3, "--freeze", "none", *flags]
+
+
+# -----------------------------------------------------------------------------
+# noise: the SNR asked for, on the clip, from the code that training and evaluation share
+
+
+def measured_snr(clean, noisy, n):
+    noise = (noisy - clean)[:n].double()
+    return 10 * np.log10(float(clean[:n].double().pow(2).mean() / noise.pow(2).mean()))
+
+
+@pytest.mark.parametrize("kind", dw.NOISE_KINDS)
+def test_noise_hits_the_requested_snr(kind, corpus):
+    val, bank = prepare.PreparedSplit(corpus, "train"), prepare.PreparedSplit(corpus, "noise")
+    idx = list(range(4))
+    lengths = [int(val.lengths[i]) for i in idx]
+    audio = torch.from_numpy(val.batch(idx, n_samples=max(lengths) + 1600)[0])  # (4, n), zero after each clip
+    for snr in (-5.0, 0.0, 7.5, 20.0):
+        mixer = dw.NoiseMixer.fixed(kind, snr, bank=bank, pool=val)
+        noisy = mixer(audio, lengths, keys=idx, exclude=idx)
+        for b, n in enumerate(lengths):
+            assert abs(measured_snr(audio[b], noisy[b], n) - snr) < 0.5, (kind, snr, b)
+            assert torch.equal(noisy[b, n:], audio[b, n:]), "the noise must stop where the clip ends"
+    assert torch.equal(noisy, mixer(audio, lengths, keys=idx, exclude=idx)), "the same keys must give the same noise"
+    assert not torch.equal(noisy, mixer(audio, lengths, keys=[k + 100 for k in idx], exclude=idx))
+
+
+def test_noise_kinds_are_what_they_say(corpus):
+    pool, bank = prepare.PreparedSplit(corpus, "train"), prepare.PreparedSplit(corpus, "noise")
+    n = 4 * dw.SAMPLE_RATE
+    # coloured noise: the slope of the power spectrum in log-log is 0, -1, -2
+    for colour, slope in (("white", 0), ("pink", -1), ("brown", -2)):
+        x = dw.coloured_noise((8, 2**16), colour, generator=torch.Generator().manual_seed(0))
+        psd = (torch.fft.rfft(x).abs() ** 2).mean(0)[1:].double().numpy()
+        f = np.arange(1, len(psd) + 1)
+        fit = np.polyfit(np.log(f[10:]), np.log(psd[10:]), 1)[0]
+        assert abs(fit - slope) < 0.15, (colour, fit)
+    silence = torch.zeros(1, n)
+    speech = torch.from_numpy(pool.batch([0])[0])
+    L = int(pool.lengths[0])
+    # talker: another clip of the pool (never the clip itself), scaled, starting in the first half
+    r = dw.NoiseMixer.fixed("talker", 10, pool=pool).draw(5, L, exclude=0)
+    (j, start), = r["pieces"]
+    assert j != 0 and 0 <= start < L // 2
+    noisy = dw.NoiseMixer.fixed("talker", 10, pool=pool)(speech, [L], [5], exclude=[0])
+    other = torch.from_numpy(pool.audio(j).astype(np.float32) / 32768)[: L - start]
+    added = (noisy - speech)[0, start:start + len(other)]
+    scale = float(added @ other / (other @ other))
+    assert scale > 0 and torch.allclose(added, scale * other, atol=1e-5)
+    # bank: a looped stretch of a recording of the bank
+    r = dw.NoiseMixer.fixed("bank", 0, bank=bank).draw(3, n)
+    (j, offset), = r["pieces"]
+    rec = bank.audio(j).astype(np.float32) / 32768
+    expected = rec[(offset + np.arange(n)) % len(rec)]
+    got = dw.NoiseMixer.fixed("bank", 0, bank=bank).noise([r], [n], n)[0].numpy()
+    assert np.allclose(got, expected)
+    # no noise at all for a clean draw, and probabilities as asked
+    m = dw.NoiseMixer({"white": 0.5, "babble": 0.25}, pool=pool)
+    kinds = [m.draw(k, n)["kind"] for k in range(4000)]
+    assert abs(kinds.count("white") / 4000 - 0.5) < 0.03 and abs(kinds.count("babble") / 4000 - 0.25) < 0.03
+    assert abs(kinds.count(None) / 4000 - 0.25) < 0.03
+    clean_key = kinds.index(None)
+    assert torch.equal(m(speech, [L], [clean_key], exclude=[0]), speech)
+    # SNR drawn inside the range
+    m = dw.NoiseMixer({"pink": 1.0}, snr_db=(3, 6))
+    snrs = [m.draw(k, n)["snr_db"] for k in range(200)]
+    assert 3 <= min(snrs) < 3.5 and 5.5 < max(snrs) <= 6
+    assert silence.sum() == 0
+
+
+def test_noise_mixer_rejects_bad_settings(corpus):
+    pool = prepare.PreparedSplit(corpus, "train")
+    with pytest.raises(ValueError, match="unknown noise kind 'rain'"):
+        dw.NoiseMixer({"rain": 0.5})
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        dw.NoiseMixer({"white": 0.7, "pink": 0.6})
+    with pytest.raises(ValueError, match="needs a noise bank"):
+        dw.NoiseMixer({"bank": 0.5})
+    with pytest.raises(ValueError, match="pool of at least two"):
+        dw.NoiseMixer({"babble": 0.5}, pool=[np.zeros(10)])
+    assert dw.NoiseMixer({"babble": 0.5}, pool=pool).kinds == ["babble"]
+
+
+def test_spec_augment_masks_inside_the_clip():
+    mel = torch.randn(3, 80, 3000)
+    frames = [300, 1000, 3000]
+    out = dw.spec_augment(mel, frames, keys=[1, 2, 3], time_width=0.1)
+    changed = out != mel
+    assert changed.any()
+    for b, n in enumerate(frames):
+        assert not changed[b, :, n:].any(), "masks stay inside the clip"
+        bins = changed[b, :, :n].all(dim=1).sum()  # frequency masks cover the clip's frames
+        cols = changed[b].all(dim=0).sum()  # time masks cover every bin
+        assert 0 < bins + cols and bins <= 2 * 27 and cols <= 2 * int(0.1 * n)
+    assert torch.equal(out, dw.spec_augment(mel, frames, keys=[1, 2, 3], time_width=0.1))
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def test_overfits_a_few_clips(tmp_path, tiny_en_dir, tokenizer, jfk_audio):
+    """Two clips: the loss falls several-fold and greedy decoding of the result gives their words."""
+    clips = [(piece(jfk_audio, span), text) for span, text in (PIECES[0], PIECES[2])]
+    data = write_corpus(tmp_path / "data", tokenizer, clips, clips)
+    model_dir = tiny_model(tmp_path / "model", tiny_en_dir)
+    out = tmp_path / "out"
+    train_main(["--data", data, "--init_from", model_dir, "--out_dir", out, "--batch_size", 2, "--max_iters", 40,
+                "--learning_rate", 3e-3, "--warmup_iters", 5, "--noise", "none", "--freeze", "none", "--dual_lr_mult", 1,
+                "--eval_interval", 40, "--eval_samples", 2, "--eval_snr"])
+    loss = losses(out)
+    assert loss[40] < loss[1] / 5 and loss[35] < loss[5] / 5, loss
+    model = dw.load_model(out)  # a run folder: its best checkpoint
+    assert model.source_dir == out / "best"
+    mel = dw.log_mel_spectrogram(torch.stack([torch.from_numpy(dw.pad_or_trim(a)) for a, _ in clips]))
+    got = [tokenizer.decode(t).strip() for t in dw.greedy_decode(model, mel, tokenizer)]
+    assert got == [text for _, text in clips]
+    evals = records(out, "eval")
+    assert evals[0]["results"]["clean"]["wer"] > 0.5 and evals[-1]["results"]["clean"]["wer"] == 0.0
+
+
+def test_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
+    """torchrun with 2 gloo ranks: both end bit-identical, and match one process with the same global batch."""
+    flags = ["--max_iters", 3, "--eval_interval", 3, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2"]
+    run_train(*quick(corpus, tiny_dir, tmp_path / "one", *flags))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *map(str, quick(corpus, tiny_dir, tmp_path / "two", *flags))]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    check, = records(tmp_path / "two", "ddp_check")
+    assert check["ranks_identical"] and len(check["digests"]) == 2
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3}
+    for it in one:
+        assert one[it] == pytest.approx(two[it], rel=1e-4)
+    a, b = load_file(tmp_path / "one" / "latest" / "model.safetensors"), load_file(tmp_path / "two" / "latest" / "model.safetensors")
+    start = load_file(tiny_dir / "model.safetensors")
+    assert a.keys() == b.keys() == start.keys()
+    # the same up to summation order, which Adam may amplify on the odd element whose gradient is near 0;
+    # a different batch or loss scale would move every parameter by about the learning rate (1e-3) instead
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    moved = torch.cat([(a[k] - start[k]).abs().flatten() for k in a])
+    assert diff.max() < 1e-4 and diff.mean() < 1e-7, (diff.max(), diff.mean())
+    assert moved.mean() > 1e-4, "training must have changed the parameters"
+
+
+def test_resume_after_kill_reproduces_the_losses(tmp_path, corpus, tiny_dir):
+    flags = ["--max_iters", 8, "--eval_interval", 3, "--log_interval", 1, "--spec_augment"]
+    run_train(*quick(corpus, tiny_dir, tmp_path / "whole", *flags))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, quick(corpus, tiny_dir, out, *flags))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill it once it has saved step 3 and gone on
+        if (out / "log.jsonl").exists() and any(r["iter"] >= 4 for r in records(out, "train")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = max(losses(out))
+    assert 4 <= done < 8, "the run should have been killed between a checkpoint and the end"
+    run_train(*quick(corpus, tiny_dir, out, *flags), "--resume")
+    whole, resumed = losses(tmp_path / "whole"), losses(out)
+    assert whole.keys() == resumed.keys() == set(range(1, 9))
+    for it in range(1, 9):
+        assert resumed[it] == pytest.approx(whole[it], rel=1e-6), it
+    restarts = [r for r in records(out, "config") if r["resume_from"]]
+    assert len(restarts) == 1 and restarts[0]["resume_from"].endswith("latest")
+    a, b = load_file(tmp_path / "whole" / "latest" / "model.safetensors"), load_file(out / "latest" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in b)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_autocast_paths(tmp_path, corpus, tiny_en_dir, dtype):
+    model_dir = tiny_model(tmp_path / "model", tiny_en_dir, n_audio_state=32, n_text_state=32, n_text_layer=1)
+    out = tmp_path / "out"
+    train_main(quick(corpus, model_dir, out, "--max_iters", 2, "--batch_size", 1, "--dtype", dtype, "--noise", "none",
+                     "--freeze", "encoder", "--eval_interval", 2))
+    loss = losses(out)
+    assert all(np.isfinite(v) for v in loss.values()) and len(loss) == 2
+    cfg = json.loads((out / "latest" / "config.json").read_text())
+    assert cfg["train_config"]["dtype"] == dtype
+    state = torch.load(out / "latest" / "state.pt", weights_only=True)
+    assert (state["scaler"] != {}) == (dtype == "float16"), "a GradScaler only for float16"
+
+
+def test_compiled_path(tmp_path, corpus, tiny_en_dir):
+    from torch._dynamo.utils import counters
+
+    model_dir = tiny_model(tmp_path / "model", tiny_en_dir, n_audio_state=32, n_text_state=32, n_text_layer=1)
+    out = tmp_path / "out"
+    flags = ["--max_iters", 1, "--batch_size", 2, "--noise", "white:0.5", "--eval_interval", 1]
+    counters.clear()
+    train_main(quick(corpus, model_dir, out, "--compile", *flags))
+    assert counters["stats"]["unique_graphs"] > 0, "the model must have gone through torch.compile"
+    train_main(quick(corpus, model_dir, tmp_path / "eager", *flags))
+    assert losses(out)[1] == pytest.approx(losses(tmp_path / "eager")[1], rel=1e-4)
+    state = load_file(out / "latest" / "model.safetensors")
+    assert set(state) == set(load_file(model_dir / "model.safetensors")), "no _orig_mod. prefixes"
+    assert records(out, "train")[0]["gate"] is not None
+
+
+@pytest.mark.parametrize("freeze", ["encoder", "base"])
+def test_frozen_parts_stay_bit_identical(tmp_path, corpus, tiny_dir, freeze):
+    out = tmp_path / "out"
+    train_main(quick(corpus, tiny_dir, out, "--max_iters", 2, "--freeze", freeze, "--eval_interval", 2, "--weight_decay", 0.1))
+    start, end = load_file(tiny_dir / "model.safetensors"), load_file(out / "latest" / "model.safetensors")
+    for k in start:
+        frozen = k.startswith("encoder.") or (freeze == "base" and not dw.is_dual_parameter(k))
+        if frozen:
+            assert torch.equal(start[k], end[k]), k
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert any(dw.is_dual_parameter(k) for k in changed)
+    assert (freeze == "encoder") == any(k.startswith("decoder.") and not dw.is_dual_parameter(k) for k in changed)
+
+
+def poison(monkeypatch, bad_calls):
+    """Make train.loss_of return NaN on the given calls (1-based; one call per micro-step)."""
+    real, calls = train.loss_of, []
+
+    def loss_of(logits, targets):
+        calls.append(1)
+        return real(logits, targets) * (float("nan") if bad_calls(len(calls)) else 1.0)
+
+    monkeypatch.setattr(train, "loss_of", loss_of)
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, corpus, tiny_dir, monkeypatch):
+    train_main(quick(corpus, tiny_dir, tmp_path / "one", "--max_iters", 1, "--eval_interval", 1))
+    poison(monkeypatch, lambda call: call == 2)
+    train_main(quick(corpus, tiny_dir, tmp_path / "two", "--max_iters", 2, "--eval_interval", 2))
+    assert [r["iter"] for r in records(tmp_path / "two", "skip")] == [2]
+    assert records(tmp_path / "two", "train")[-1]["skipped"] == 1
+    one, two = load_file(tmp_path / "one" / "latest" / "model.safetensors"), load_file(tmp_path / "two" / "latest" / "model.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one), "a skipped step must leave the weights alone"
+    s1 = torch.load(tmp_path / "one" / "latest" / "state.pt", weights_only=True)["optimizer"]["state"]
+    s2 = torch.load(tmp_path / "two" / "latest" / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1), "and the optimizer state too"
+
+
+def test_a_run_of_non_finite_losses_stops_clearly(tmp_path, corpus, tiny_dir, monkeypatch, capsys):
+    poison(monkeypatch, lambda call: call >= 3)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train_main(quick(corpus, tiny_dir, out, "--max_iters", 20, "--eval_interval", 2, "--max_bad_steps", 3))
+    assert e.value.code == 3
+    assert [r["iter"] for r in records(out, "skip")] == [3, 4, 5]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 non-finite losses in a row at step 5" in err[0] and "latest" in err[0]
+    assert json.loads((out / "latest" / "config.json").read_text())["iter_num"] == 4  # saved after the skipped steps 3, 4: still good
+    dw.load_model(out)
+
+
+def test_bad_clips_are_left_out(tmp_path, tiny_dir, tokenizer, jfk_audio, capsys):
+    good = [(piece(jfk_audio, span), text) for span, text in PIECES]
+    data = write_corpus(tmp_path / "data", tokenizer, good, good[:1])
+    w = prepare.SplitWriter(tmp_path / "bad", "train")  # the same clips plus broken ones
+    prompt = [tokenizer.sot, tokenizer.no_timestamps]
+    for i, (audio, text) in enumerate(good):
+        w.add(audio, prompt + tokenizer.encode(" " + text) + [tokenizer.eot], {"id": str(i), "text": text})
+    w.add(np.zeros(0, np.float32), prompt + [tokenizer.eot], {"id": "empty", "text": ""})
+    w.add(good[0][0], prompt + [60000, tokenizer.eot], {"id": "beyond", "text": "?"})
+    w.add(good[0][0], prompt + [13] * 100 + [tokenizer.eot], {"id": "long", "text": "..."})
+    w.close()
+    for name in ("val.audio.bin", "val.tokens.bin", "val.index.npy", "val.jsonl"):
+        (tmp_path / "bad" / name).write_bytes((Path(data) / name).read_bytes())
+    out = tmp_path / "out"
+    train_main(quick(tmp_path / "bad", tiny_dir, out, "--max_iters", 3, "--batch_size", 3, "--noise", "none", "--eval_interval", 3))
+    text = capsys.readouterr().out
+    assert "train 3 clips" in text and "'empty audio': 1" in text and "'token ids beyond the vocabulary': 1" in text
+    assert "'more tokens than n_text_ctx': 1" in text
+    assert len(losses(out)) == 3
+
+
+def test_bad_settings_fail_in_one_line(tmp_path, corpus, tiny_dir):
+    cases = [(["--data", tmp_path / "nowhere"], "no prepared split"),
+             (["--batch_size", 3, "--gradient_accumulation_steps", 2], "must be a multiple of"),
+             (["--noise", "rain:0.5"], "unknown kind 'rain'"),
+             (["--freeze", "wheels"], "unknown part 'wheels'"),
+             (["--init_from", tmp_path / "missing"], "not found"),
+             (["--resume"], "no checkpoint"),
+             (["--plain", "--freeze", "base"], "nothing to train")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train_main(quick(corpus, tiny_dir, tmp_path / "out", "--max_iters", 1, *extra))
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and message in e.value.code, (extra, e.value.code)
+    # as a command: one line on stderr, a non-zero status; and a finished run is never overwritten by a fresh one
+    run_train(*quick(corpus, tiny_dir, tmp_path / "done", "--max_iters", 1, "--eval_interval", 1))
+    before = (tmp_path / "done" / "latest" / "model.safetensors").read_bytes()
+    code, _, err = run_train(*quick(corpus, tiny_dir, tmp_path / "done", "--max_iters", 1), check=False)
+    assert code != 0 and err.strip().count("\n") == 0 and "already holds a run" in err
+    assert (tmp_path / "done" / "latest" / "model.safetensors").read_bytes() == before
+
+
+def test_config_file_and_resume_defaults(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('max_iters = 7\nsnr_db = [1, 2]\nnoise = "white:1"\n')
+    args = train.resolve(train.parse_config(["--config", str(cfg), "--max_iters", "9"]))
+    assert args.max_iters == 9 and args.snr_db == [1.0, 2.0] and args.noise == "white:1"
+    cfg.write_text('max_iter = 7\n')
+    with pytest.raises(train.TrainError, match="unknown setting 'max_iter'"):
+        train.parse_config(["--config", str(cfg)])
+
+
+def test_learning_rate_schedule():
+    args = train.resolve(train.parse_config(["--learning_rate", "1e-3", "--warmup_iters", "10", "--max_iters", "110"]))
+    lrs = [train.get_lr(i, args) for i in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
+    assert lrs[110] == lrs[119] == pytest.approx(1e-4)
