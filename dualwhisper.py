@@ -1195,7 +1195,7 @@ def spec_augment(mel, frames, keys, seed=0, freq_masks=2, freq_width=27, time_ma
         for _ in range(freq_masks):
             w = int(rng.integers(0, min(freq_width, M) + 1))
             f0 = int(rng.integers(0, M - w + 1))
-            mask[b, f0:f0 + w, :] = True
+            mask[b, f0:f0 + w, :L] = True
         for _ in range(time_masks):
             w = int(rng.integers(0, int(time_width * L) + 1))
             t0 = int(rng.integers(0, max(1, L - w + 1)))
