@@ -1,0 +1,302 @@
+"""Transcription (dualwhisper.transcribe / decode and sample.py) against openai-whisper on the same
+weights and audio: identical text, tokens and segment times, greedy and beam search; batching,
+language detection, bad input, output files and evaluation."""
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import IN_CI, ROOT, need
+
+import dualwhisper as dw
+import sample
+
+SR = dw.SAMPLE_RATE
+
+
+def _segments(result):
+    return [(round(s["start"], 6), round(s["end"], 6), s["tokens"]) for s in result["segments"]]
+
+
+def assert_same_transcript(ours, ref):
+    assert ours["text"] == ref["text"]
+    assert ours["language"] == dw.TO_LANGUAGE_CODE.get(ref["language"].lower(), ref["language"])  # openai-whisper echoes a name as given
+    assert _segments(ours) == _segments(ref)
+    for a, b in zip(ours["segments"], ref["segments"]):
+        assert a["seek"] == b["seek"] and a["temperature"] == b["temperature"]
+        for key in ("avg_logprob", "no_speech_prob", "compression_ratio"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def long_audio(jfk_audio):
+    """63 s of real speech with pauses: the phrases of jfk.flac rearranged, some slower or faster,
+    between silences of 0.8 to 4 s, so that windows end mid-phrase and seek by timestamps."""
+    sec = lambda a, b: jfk_audio[int(a * SR):int(b * SR)]
+    p1, p2, p3, p4 = sec(0, 2.6), sec(2.6, 4.7), sec(4.7, 7.9), sec(7.9, 11.0)
+    pause = lambda s: np.zeros(int(s * SR), np.float32)
+    slower = lambda a, rate: dw.resample(a, SR, rate)  # played at 16 kHz: slower above 16000, faster below
+    audio = np.concatenate([p3, pause(1.5), p1, slower(p4, 17600), pause(2.5), p2, slower(p3, 14400), pause(0.8), jfk_audio,
+                            pause(4), p4, slower(p1, 17200), pause(1), p2, p3, pause(2), slower(jfk_audio, 15200), pause(1.2), p4])
+    assert len(audio) > 60 * SR
+    return audio.astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# parity with openai-whisper
+
+
+def test_jfk_greedy_matches_openai_whisper(tiny_en, openai_tiny_en, jfk_audio):
+    whisper = need("whisper")
+    ref = whisper.transcribe(openai_tiny_en, jfk_audio, temperature=0.0, fp16=False)
+    ours = dw.transcribe(tiny_en, jfk_audio, temperature=0.0)
+    assert_same_transcript(ours, ref)
+    assert "ask not what your country can do for you" in ours["text"]
+    assert [s["gate"] for s in ours["segments"]] == [0.0] * len(ours["segments"])  # official weights: closed gates
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0), dict(temperature=0.0, beam_size=5)], ids=["greedy", "beam5"])
+def test_long_audio_matches_openai_whisper(tiny_en, openai_tiny_en, long_audio, options):
+    """Over 60 s: several windows, each prompted with the text so far, moved on by timestamps."""
+    whisper = need("whisper")
+    ref = whisper.transcribe(openai_tiny_en, long_audio, fp16=False, **options)
+    ours = dw.transcribe(tiny_en, long_audio, **options)
+    assert_same_transcript(ours, ref)
+    assert len({s["seek"] for s in ours["segments"]}) >= 3 and ours["segments"][-1]["end"] > 60
+
+
+def test_prompt_prefix_and_plain_decode_match_openai_whisper(tiny_en, openai_tiny_en, jfk_audio):
+    whisper = need("whisper")
+    ref = whisper.transcribe(openai_tiny_en, jfk_audio, temperature=0.0, fp16=False, beam_size=3, patience=2.0,
+                             initial_prompt="President Kennedy, 1961.", condition_on_previous_text=False)
+    ours = dw.transcribe(tiny_en, jfk_audio, temperature=0.0, beam_size=3, patience=2.0,
+                         initial_prompt="President Kennedy, 1961.", condition_on_previous_text=False)
+    assert_same_transcript(ours, ref)
+    mel = dw.pad_or_trim(dw.log_mel_spectrogram(jfk_audio), dw.N_FRAMES)
+    for kw in [dict(without_timestamps=True), dict(prefix="And so my", suppress_tokens="", suppress_blank=False),
+               dict(prompt="ask not", length_penalty=0.5, beam_size=2)]:
+        r = whisper.decode(openai_tiny_en, mel, whisper.DecodingOptions(fp16=False, language="en", **kw))
+        o = dw.decode(tiny_en, mel, **kw)
+        assert (o.tokens, o.text) == (r.tokens, r.text), kw
+        assert math.isclose(o.avg_logprob, r.avg_logprob, rel_tol=1e-4) and math.isclose(o.no_speech_prob, r.no_speech_prob, rel_tol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def random_multilingual(tmp_path_factory, openai_whisper_from, multilingual_tokenizer_dir):
+    """A small randomly initialised multilingual Whisper (99 languages), ours and openai-whisper's."""
+    transformers = need("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+                                     decoder_ffn_dim=256, max_source_positions=1500, max_target_positions=448)
+    hf = transformers.WhisperForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # confident, varied logits
+            if "embed_tokens" in name:
+                p.mul_(4.0)
+            else:
+                p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("random-multilingual")
+    hf.save_pretrained(folder)
+    for f in multilingual_tokenizer_dir.iterdir():
+        if not (folder / f.name).exists():
+            shutil.copy(f, folder)
+    ours = dw.load_model(folder)
+    return ours, openai_whisper_from(dw.load_model(folder, dual=False))
+
+
+@pytest.mark.parametrize("options", [dict(), dict(language="az", task="translate"), dict(language="Azerbaijani", beam_size=2)],
+                         ids=["detected", "translate", "beam"])
+def test_multilingual_language_and_task_match_openai_whisper(random_multilingual, jfk_audio, options):
+    whisper = need("whisper")
+    ours_model, ref_model = random_multilingual
+    audio = jfk_audio[: 8 * SR]
+    options = dict(options, sample_len=40)  # a random model rambles on to the limit
+    ref = whisper.transcribe(ref_model, audio, temperature=0.0, fp16=False, **options)
+    ours = dw.transcribe(ours_model, audio, temperature=0.0, **options)
+    assert_same_transcript(ours, ref)
+    if not options:
+        mel = dw.pad_or_trim(dw.log_mel_spectrogram(audio), dw.N_FRAMES)
+        _, ref_probs = ref_model.detect_language(mel)
+        codes, probs = dw.detect_language(ours_model, mel[None])
+        assert codes[0] == max(ref_probs, key=ref_probs.get) == ours["language"]
+        assert all(math.isclose(probs[0][k], ref_probs[k], rel_tol=1e-3, abs_tol=1e-6) for k in ref_probs)
+    with pytest.raises(ValueError, match="unsupported language"):
+        dw.transcribe(ours_model, audio, language="klingon")
+
+
+# -----------------------------------------------------------------------------
+# batching, long audio, dual gates
+
+
+def test_batched_windows_match_one_file_at_a_time(tiny_en, jfk_audio, long_audio):
+    """Files of different lengths decoded together (prompts of different lengths left-padded)
+    give what each gives alone."""
+    audios = [long_audio[: 35 * SR], jfk_audio, jfk_audio[: 3 * SR], np.zeros(4 * SR, np.float32)]  # 2nd round: prompt, none
+    alone = [dw.transcribe(tiny_en, a, temperature=0.0) for a in audios]
+    together = dict(dw.transcribe_many(tiny_en, audios, batch_size=3, temperature=0.0))
+    assert sorted(together) == list(range(len(audios)))
+    for i, a in enumerate(alone):
+        b = together[i]
+        assert b["text"] == a["text"], i
+        assert _segments(b) == _segments(a), i
+    assert alone[3]["text"] == "" and alone[1]["text"].strip().startswith("And so my fellow Americans")
+
+
+def test_long_log_mel_in_chunks_is_the_same(long_audio):
+    whole = dw.log_mel_spectrogram(long_audio, padding=dw.N_SAMPLES)
+    chunked = dw.padded_log_mel(long_audio, chunk_frames=1234)
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+
+
+def test_open_gates_are_reported_per_segment(tiny_en, jfk_audio):
+    model = copy.deepcopy(tiny_en)
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            block.gate.bias.fill_(0.3)  # gate = tanh(0.3) for every token: the second branch mixes in
+    result = dw.transcribe(model, jfk_audio, temperature=0.0)
+    assert result["segments"] and all(math.isclose(s["gate"], math.tanh(0.3), rel_tol=1e-5) for s in result["segments"])
+
+
+def test_options_are_checked():
+    for bad in [dict(best_of=2), dict(patience=2.0), dict(beam_size=2, best_of=2), dict(length_penalty=2.0), dict(task="summarise")]:
+        with pytest.raises(ValueError):
+            dw.DecodingOptions(**bad)
+
+
+def test_sampling_at_a_temperature(tiny_en, jfk_audio):
+    torch.manual_seed(0)
+    result = dw.transcribe(tiny_en, jfk_audio, temperature=0.3, best_of=3)
+    assert "country" in result["text"] and all(s["temperature"] == 0.3 for s in result["segments"])
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def _wav(path, audio, sr=SR, channels=1):
+    sf = need("soundfile")
+    if sr != SR:
+        audio = dw.resample(audio, SR, sr)
+    sf.write(str(path), np.stack([audio] * channels, axis=1) if channels > 1 else audio, sr)
+    return str(path)
+
+
+def test_cli_bad_files_are_reported_and_the_others_complete(tiny_en_dir, jfk_path, jfk_audio, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    files = {
+        "jfk": str(jfk_path),
+        "corrupt": tmp_path / "corrupt.wav",
+        "empty_file": tmp_path / "empty_file.flac",
+        "no_samples": _wav(tmp_path / "no_samples.wav", np.zeros(0, np.float32)),
+        "missing": str(tmp_path / "missing.wav"),
+        "silence": _wav(tmp_path / "silence.wav", np.zeros(6 * SR, np.float32)),
+        "noise": _wav(tmp_path / "noise.wav", (0.1 * rng.standard_normal(6 * SR)).astype(np.float32)),
+        "stereo_22k": _wav(tmp_path / "stereo_22k.wav", jfk_audio, 22050, channels=2),
+        "mono_8k": _wav(tmp_path / "mono_8k.flac", jfk_audio, 8000),
+    }
+    files["corrupt"].write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
+    files["empty_file"].write_bytes(b"")
+    out = tmp_path / "out"
+    (out / "jfk.txt").parent.mkdir()
+    (out / "jfk.txt").write_text("an old transcript that is replaced as a whole")
+    args = [str(f) for f in files.values()] + ["--model", str(tiny_en_dir), "-f", "all", "-o", str(out), "--batch_size", "4"]
+    assert sample.main(args) == 1
+    stdout, stderr = capsys.readouterr()
+    texts = dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "") for line in stdout.splitlines())
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(e.split(": ")[1] for e in errors) == sorted(str(files[k]) for k in ("corrupt", "empty_file", "no_samples", "missing"))
+    assert "4 of 9 files failed" in stderr
+    for k in ("jfk", "stereo_22k", "mono_8k"):
+        assert "ask not what your country can do for you" in dw.normalize_text(texts[str(files[k])]), k
+    assert texts[str(files["silence"])] == "" and texts[str(files["noise"])] == ""  # nothing invented
+    written = sorted(p.name for p in out.iterdir())
+    stems = ("jfk", "mono_8k", "noise", "silence", "stereo_22k")
+    assert written == sorted(f"{s}.{e}" for s in stems for e in ("json", "srt", "txt", "vtt"))  # nothing half-written
+    doc = json.loads((out / "jfk.json").read_text())
+    assert doc["language"] == "en" and doc["text"].strip().startswith("And so")
+    seg = doc["segments"][0]
+    assert set(seg) >= {"start", "end", "text", "tokens", "avg_logprob", "compression_ratio", "no_speech_prob", "gate"}
+    assert (out / "jfk.txt").read_text().startswith("And so my fellow Americans")
+    srt, vtt = (out / "jfk.srt").read_text(), (out / "jfk.vtt").read_text()
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no/such/folder"], "not found"),
+    (["--beam_size", "2", "--best_of", "3", "--temperature_increment_on_fallback", "0"], None),
+    (["--patience", "2"], "patience needs beam_size"),
+    (["--language", "xx"], "unsupported language"),
+], ids=["model", "ok", "patience", "language"])
+def test_cli_settings(tiny_en_dir, jfk_path, capsys, args, message):
+    argv = [str(jfk_path), "--model", str(tiny_en_dir)] + args
+    code = sample.main(argv)
+    stdout, stderr = capsys.readouterr()
+    if message is None:
+        assert code == 0 and "country" in stdout
+    else:
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_cli_runs_as_a_script(tiny_en_dir, jfk_path):
+    run = subprocess.run([sys.executable, "sample.py", str(jfk_path), "--model", str(tiny_en_dir), "--verbose"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "[00:00.000 --> 00:07.740]" in run.stdout and "ask what you can do for your country" in run.stdout
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def _espeak(text, path):
+    if shutil.which("espeak-ng") is None:
+        (pytest.fail if IN_CI else pytest.skip)("espeak-ng is not installed")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "140", "-w", str(path), text], check=True)
+    return path
+
+
+def test_eval_manifest_and_prepared_split_with_noise(tiny_en_dir, jfk_path, tmp_path, capsys):
+    prepare = need("prepare")
+    texts = ["Please call Stella and ask her to bring these things with her from the store.",
+             "I would like a cup of coffee and two slices of bread."]
+    rows = [{"path": str(jfk_path), "text": "And so, my fellow Americans: ask not what your country can do for you; "
+                                             "ask what you can do for your country."}]
+    rows += [{"path": f"clip{i}.wav", "text": t} for i, t in enumerate(texts)]
+    for i, t in enumerate(texts):
+        _espeak(t, tmp_path / f"clip{i}.wav")
+    manifest = tmp_path / "set.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer = prepare.SplitWriter(tmp_path / "prepared", "val")
+    for r in rows:
+        writer.add(dw.load_audio(r["path"] if r["path"].startswith("/") else tmp_path / r["path"]), [50257, 50256], {"id": r["path"], "text": r["text"]})
+    writer.close()
+    for data, snr in ((manifest, ["-5"]), (tmp_path / "prepared", [])):
+        args = ["--eval", str(data), "--model", str(tiny_en_dir), "--temperature_increment_on_fallback", "0"]
+        assert sample.main(args + (["--snr", *snr, "--noise", "white", "--seed", "1"] if snr else [])) == 0
+        lines = capsys.readouterr().out.splitlines()
+        table = {line[:24].strip(): line[24:].split() for line in lines[1:]}
+        assert list(table) == ["clean"] + [f"white {s} dB" for s in snr]
+        assert all(row[0] == "3" for row in table.values())
+        wer = {k: float(v[1].rstrip("%")) for k, v in table.items()}
+        assert wer["clean"] < 20 and all(wer[k] > wer["clean"] for k in wer if k != "clean"), wer
+    manifest.write_text('{"path": "clip0.wav"}\n')
+    assert sample.main(["--eval", str(manifest), "--model", str(tiny_en_dir)]) == 2
+    assert "lacks a path" in capsys.readouterr().err
+
+
+def test_normalizer():
+    n = dw.normalize_text
+    assert n("Mr. Smith said: twenty-five percent!") == n("mister smith said 25%") == "mister smith said 25%"
+    assert n("I can't go (laughs) [music] uh, it's 1,000 dollars") == "i can not go its 1000 dollars"
+    assert n("two thousand and twenty one, three point five") == "2021 3.5"
+    assert n("one two three") == "1 2 3"
+    assert n("Café — naïve") == "cafe naive"
+    assert n("Salam, necəsən? Yaxşıyam!", english=False) == "salam necəsən yaxşıyam"
