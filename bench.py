@@ -12,7 +12,113 @@ import sys
 
 
 def bench_transcribe(args):
-    raise SystemExit("not written yet")
+    """Seconds to transcribe the same audio with the same weights, greedy at temperature 0, float32:
+    sample.py's transcription (dualwhisper.transcribe_many) against openai-whisper, and against
+    transformers and faster-whisper where they are installed. Each is run in turn, --repeat
+    times, in one process, so that all see the same machine; the best and the median times are
+    printed with the ratio to openai-whisper. Two cases: one file (jfk.flac), and --files short
+    clips (pieces of jfk.flac at other speeds) that openai-whisper transcribes one at a time and
+    we decode --batch_size windows at a time."""
+    import statistics
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    import dualwhisper as dw
+
+    shared = Path(__file__).resolve().parent.parent / "shared"
+    p = argparse.ArgumentParser(prog="bench.py transcribe", description=bench_transcribe.__doc__)
+    p.add_argument("--model", default=str(shared / "models" / "whisper-tiny.en"), help="a hub-layout checkpoint folder")
+    p.add_argument("--audio", default=str(shared / "audio" / "jfk.flac"), help="the one file, and the source of the short clips")
+    p.add_argument("--files", type=int, default=40, help="number of short clips")
+    p.add_argument("--batch_size", type=int, default=16, help="our windows decoded together")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs of each (after one warm-up run)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    p.add_argument("--beam_size", type=int, default=None, help="beam search instead of greedy")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    ours = dw.load_model(a.model, device=device)
+    audio = dw.load_audio(a.audio)
+    rng = np.random.default_rng(0)
+    clips = []
+    for _ in range(a.files):
+        start = rng.uniform(0, len(audio) / dw.SAMPLE_RATE - 3)
+        piece = audio[int(start * dw.SAMPLE_RATE): int((start + rng.uniform(3, 11)) * dw.SAMPLE_RATE)]
+        clips.append(dw.resample(piece, dw.SAMPLE_RATE, int(rng.choice([14400, 15200, 16000, 17200, 17600]))))  # other speeds
+    options = dict(temperature=0.0, beam_size=a.beam_size)
+
+    runners = {}  # name -> (one file, many files)
+    runners["ours"] = (lambda x: dw.transcribe(ours, x, **options)["text"],
+                       lambda xs: [r["text"] for _, r in sorted(dw.transcribe_many(ours, xs, batch_size=a.batch_size, **options))])
+    runners["ours, one file at a time"] = (None, lambda xs: [dw.transcribe(ours, x, **options)["text"] for x in xs])
+    try:
+        import whisper
+
+        plain = dw.load_model(a.model, device=device, dual=False)
+        ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k != "dual"}))
+        ref.load_state_dict(plain.state_dict())
+        ref = ref.to(device).eval()
+        one = lambda x: whisper.transcribe(ref, x, fp16=False, **options)["text"]
+        runners["openai-whisper"] = (one, lambda xs: [one(x) for x in xs])
+    except ImportError:
+        print("openai-whisper is not installed: pip install --no-deps openai-whisper (the ratios need it)")
+    try:
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        processor = WhisperProcessor.from_pretrained(a.model)
+        hf = WhisperForConditionalGeneration.from_pretrained(a.model, torch_dtype=torch.float32).to(device).eval()
+
+        def hf_run(xs):
+            out = []
+            for i in range(0, len(xs), a.batch_size):
+                feats = processor(xs[i:i + a.batch_size], sampling_rate=dw.SAMPLE_RATE, return_tensors="pt").input_features
+                with torch.no_grad():
+                    ids = hf.generate(feats.to(device), num_beams=a.beam_size or 1, do_sample=False, return_timestamps=True)
+                out += processor.batch_decode(ids, skip_special_tokens=True)
+            return out
+
+        runners[f"transformers, batch {a.batch_size}"] = (lambda x: hf_run([x])[0], hf_run)
+    except ImportError:
+        pass
+    try:
+        import ctranslate2
+        from faster_whisper import WhisperModel
+
+        ct2_dir = tempfile.mkdtemp(prefix="ct2-")
+        ctranslate2.converters.TransformersConverter(a.model).convert(ct2_dir, quantization="float32", force=True)
+        fw = WhisperModel(ct2_dir, device="cpu" if device.type == "cpu" else "cuda", compute_type="float32",
+                          cpu_threads=a.threads or torch.get_num_threads())
+        fw_one = lambda x: "".join(s.text for s in fw.transcribe(x, beam_size=a.beam_size or 1, temperature=0.0)[0])
+        runners["faster-whisper"] = (fw_one, lambda xs: [fw_one(x) for x in xs])
+    except ImportError:
+        pass
+
+    print(f"transcribe: {Path(a.model).name}, float32 on {device}, {torch.get_num_threads()} threads, "
+          f"{'beam %d' % a.beam_size if a.beam_size else 'greedy'}, temperature 0; best and median of {a.repeat}")
+    cases = [(f"one file ({Path(a.audio).name}, {len(audio) / dw.SAMPLE_RATE:.1f} s)", 0, audio),
+             (f"{a.files} short files ({sum(map(len, clips)) / dw.SAMPLE_RATE:.0f} s in all)", 1, clips)]
+    for title, which, x in cases:
+        print(title)
+        fns = {name: f[which] for name, f in runners.items() if f[which] is not None}
+        texts = {name: fn(x) for name, fn in fns.items()}  # warm-up, and the texts to compare
+        times = {name: [] for name in fns}
+        for _ in range(a.repeat):  # in turn, so that a busy moment of the machine hits them all alike
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+        base = min(times["openai-whisper"]) if "openai-whisper" in times else None
+        for name, t in times.items():
+            ratio = f"{base / min(t):5.2f}x" if base else ""
+            same = "" if base is None or name.startswith(("transformers", "faster")) else (
+                "same text" if texts[name] == texts["openai-whisper"] else "TEXT DIFFERS")
+            print(f"  {name:<32} {min(t):7.3f} s  {statistics.median(t):7.3f} s  {ratio}  {same}", flush=True)
 
 
 def bench_train(args):
