@@ -1410,10 +1410,12 @@ def _decode(model, tokenizer, base, rows, options, languages, prompts=None, init
     for step in range(sample_len):
         h = model.decoder.hidden(x, cache=cache, offset=offset)
         offset += x.shape[1]
-        logits = model.decoder.project(h[:, -1])  # (N, V)
-        if step == 0 and tokenizer.no_speech is not None:
-            at_sot = model.decoder.project(h[torch.arange(N, device=dev), sot_index.repeat_interleave(G)])
-            no_speech_probs = at_sot.softmax(dim=-1)[:, tokenizer.no_speech].tolist()[::G]
+        if step == 0:  # the no-speech probability: at <|startoftranscript|>, projected with the last position
+            logits = model.decoder.project(torch.cat([h[:, -1], h[torch.arange(N, device=dev), sot_index.repeat_interleave(G)]]))
+            no_speech_probs = logits[N:].softmax(dim=-1)[:, tokenizer.no_speech].tolist()[::G]
+            logits = logits[:N]
+        else:
+            logits = model.decoder.project(h[:, -1])  # (N, V)
         logits += bias
         if step == 0 and o.suppress_blank:
             logits[:, blank] = -math.inf
@@ -1497,7 +1499,7 @@ def _decode(model, tokenizer, base, rows, options, languages, prompts=None, init
         text = tokenizer.decode(seqs[best]).strip()
         results.append(DecodingResult(
             tokens=seqs[best], text=text, language=languages[i], avg_logprob=cand_sums[i][best] / (lengths[best] + 1),
-            no_speech_prob=no_speech_probs[i] if tokenizer.no_speech is not None else math.nan,
+            no_speech_prob=no_speech_probs[i],
             temperature=o.temperature, compression_ratio=compression_ratio(text)))
     if gates and model.dims.dual:
         _add_gates(model, base, rows, [initial[i] + r.tokens for i, r in enumerate(results)], [len(s) for s in initial], results)
@@ -1510,6 +1512,9 @@ def _add_gates(model, base, rows, sequences, starts, results):
     every attention map)."""
     dev = base.self_kv[0][0].device
     for row, seq, start, r in zip(rows, sequences, starts, results):
+        if all(len(kv) == 1 for kv in base.cross):  # closed gates (official weights): no secondary branch
+            r.gates = [0.0] * len(r.tokens)
+            continue
         details = []
         model.decoder.hidden(torch.tensor([seq], device=dev), cache=base.rows([row], len(seq)), details=details)
         gates = torch.stack([d["gate"][0] for d in details]).float().mean(dim=0).tolist()  # (T,)
