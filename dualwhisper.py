@@ -1560,7 +1560,7 @@ def greedy_decode(model, mel, tokenizer, prompt=None, max_tokens=None):
 # -----------------------------------------------------------------------------
 # transcription: 30-second windows, moved on by the timestamps the model predicts
 
-MEL_CHUNK_FRAMES = 60 * 100 * FRAMES_PER_SECOND  # log-mel of long files computed 100 minutes at a time
+MEL_CHUNK_FRAMES = 10 * 60 * FRAMES_PER_SECOND  # log-mel of long files computed 10 minutes at a time
 
 
 def padded_log_mel(audio, n_mels=80, chunk_frames=MEL_CHUNK_FRAMES):
@@ -1706,9 +1706,11 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     are skipped. condition_on_previous_text: give each window the text so far as its prompt.
     initial_prompt: text for the first window's prompt. languages: one per file, overriding
     decode_options["language"]; None detects each file's language (multilingual models) on its
-    first 30 seconds. verbose: True prints each segment, False shows a progress bar."""
+    first 30 seconds. verbose: True prints each segment, False shows a progress bar. fp16, which
+    openai-whisper's callers pass, is accepted and ignored: the model's own dtype is used."""
     import tqdm
 
+    decode_options.pop("fp16", None)
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     tokenizer = model_tokenizer(model)
     DecodingOptions(**{k: v for k, v in decode_options.items() if k not in ("best_of", "beam_size", "patience")})  # check them now

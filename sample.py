@@ -169,7 +169,8 @@ def evaluate(model, args, options):
         audios = (pool[i] if mixer is None else mixer(torch.from_numpy(pool[i])[None], [len(pool[i])], [i], exclude=[i])[0].numpy()
                   for i in range(len(pool)))
         hyps = [None] * len(pool)
-        for i, result in dw.transcribe_many(model, audios, batch_size=args.batch_size, languages=languages, verbose=None, **options):
+        progress = False if sys.stderr.isatty() else None  # a progress bar on a terminal
+        for i, result in dw.transcribe_many(model, audios, batch_size=args.batch_size, languages=languages, verbose=progress, **options):
             if isinstance(result, Exception):
                 raise ValueError(f"clip {i} of {args.eval}: {result}")
             hyps[i] = result["text"]
