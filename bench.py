@@ -39,6 +39,7 @@ def bench_transcribe(args):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--beam_size", type=int, default=None, help="beam search instead of greedy")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no_transformers", action="store_true", help="leave transformers out even where it is installed")
     a = p.parse_args(args)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -69,6 +70,8 @@ def bench_transcribe(args):
     except ImportError:
         print("openai-whisper is not installed: pip install --no-deps openai-whisper (the ratios need it)")
     try:
+        if a.no_transformers:
+            raise ImportError
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         processor = WhisperProcessor.from_pretrained(a.model)
@@ -106,12 +109,14 @@ def bench_transcribe(args):
     for title, which, x in cases:
         print(title)
         fns = {name: f[which] for name, f in runners.items() if f[which] is not None}
-        texts = {name: fn(x) for name, fn in fns.items()}  # warm-up, and the texts to compare
-        times = {name: [] for name in fns}
+        if which == 0:
+            for fn in fns.values():
+                fn(x)  # warm-up (the many-files case comes after this one)
+        times, texts = {name: [] for name in fns}, {}
         for _ in range(a.repeat):  # in turn, so that a busy moment of the machine hits them all alike
             for name, fn in fns.items():
                 t0 = time.perf_counter()
-                fn(x)
+                texts[name] = fn(x)
                 times[name].append(time.perf_counter() - t0)
         base = min(times["openai-whisper"]) if "openai-whisper" in times else None
         for name, t in times.items():
