@@ -296,7 +296,8 @@ class Tokenizer:
         folder = Path(folder)
         if n_vocab is None:
             cfg = folder / "config.json"
-            n_vocab = json.loads(cfg.read_text())["vocab_size"] if cfg.exists() else 51865
+            cfg = _read_json(cfg)
+            n_vocab = cfg.get("vocab_size") or cfg.get("dims", {}).get("n_vocab") or 51865  # hub layout or ours
         dims = ModelDimensions(n_vocab=n_vocab)
         return cls(folder / "vocab.json", dims.num_languages, dims.is_multilingual, **kwargs)
 
