@@ -61,11 +61,11 @@ def get_parser():
                                                        "base (everything but the new dual-attention parts); or none")
     g.add_argument("--seed", type=int, default=1337, help="seed of the data order, the noise and the new parameters")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_iters", type=int, default=40, help="optimizer steps in all")
+    g.add_argument("--max_iters", type=int, default=30, help="optimizer steps in all")
     g.add_argument("--batch_size", type=int, default=8, help="global batch: clips per optimizer step over all ranks and micro-steps")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step on each rank")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the pretrained parameters")
-    g.add_argument("--dual_lr_mult", type=float, default=10.0, help="learning-rate multiplier of the new parts (second "
+    g.add_argument("--dual_lr_mult", type=float, default=3.0, help="learning-rate multiplier of the new parts (second "
                                                                     "cross-attention, its norm, the gate), so that the gate opens in a short fine-tune")
     g.add_argument("--min_lr", type=float, default=None, help="learning rate at the end of the cosine decay (default learning_rate / 10)")
     g.add_argument("--warmup_iters", type=int, default=5, help="linear warmup steps")
@@ -86,10 +86,12 @@ def get_parser():
     g.add_argument("--babble_talkers", type=int, nargs=2, default=[3, 6], metavar=("LOW", "HIGH"), help="talkers in a babble")
     g.add_argument("--spec_augment", action="store_true", help="SpecAugment: 2 frequency and 2 time masks per clip")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval_interval", type=int, default=20, help="evaluate and save latest/ (and best/) every this many steps")
+    g.add_argument("--eval_interval", type=int, default=15, help="evaluate and save latest/ (and best/) every this many steps")
     g.add_argument("--eval_samples", type=int, default=16, help="validation clips for the loss and the greedy WER/CER (all ranks share them)")
     g.add_argument("--eval_noise", default="babble", choices=dw.NOISE_KINDS, help="noise of the fixed-SNR evaluation conditions")
     g.add_argument("--eval_snr", type=float, nargs="*", default=[5.0], help="SNRs (dB) evaluated besides clean speech")
+    g.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (sample.py --eval --snr uses the same "
+                                                            "default: the same clip gets the same noisy audio in both)")
     g.add_argument("--eval_only", action="store_true", help="evaluate the initial model and stop")
     g.add_argument("--log_interval", type=int, default=1, help="steps between progress lines")
     g = p.add_argument_group("system")
@@ -291,6 +293,35 @@ def get_batch(split, indices, no_timestamps, eot, n_text_ctx, device):
     return to(audio), torch.as_tensor(lengths), to(x), to(y), prompts
 
 
+def readable(split, indices, clips, unreadable):
+    """`indices` with every clip that fails to read replaced by the next usable clip that reads, so
+    that a bad clip never stops a run; `unreadable` collects them. Returns (indices, newly failed)."""
+    new = []
+
+    def reads(i):
+        if i in unreadable:
+            return False
+        try:
+            split.batch([i])
+            return True
+        except Exception as e:  # whatever a damaged file or index raises: the clip is left out
+            unreadable[i] = f"{type(e).__name__}: {e}"[:200]
+            new.append(i)
+            return False
+
+    out = []
+    for i in indices:
+        at = int(np.searchsorted(clips, i))
+        for step in range(len(clips)):
+            j = int(clips[(at + step) % len(clips)])
+            if reads(j):
+                out.append(j)
+                break
+        else:
+            raise TrainError(f"no clip of {split.folder} {split.split} can be read: {unreadable[i]}")
+    return out, new
+
+
 def log_mel(audio, lengths, n_mels, mixer=None, keys=None, exclude=None, spec_augment=False, seed=0):
     """int16 audio (B, N_SAMPLES) on the device -> noisy log-mel (B, n_mels, 3000), on the device."""
     audio = audio.float() / 32768.0
@@ -452,7 +483,8 @@ def main(argv=None):
     try:
         return run(resolve(parse_config(argv)))
     except TrainError as e:
-        sys.exit(f"train.py: error: {e}")
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(args):
@@ -514,7 +546,7 @@ def run(args):
         conditions = {"clean": None}
         pool = val_split if len(val_clips) >= 2 else train_split  # babble and talkers never heard in training, where there are enough
         for snr in args.eval_snr if len(eval_clips) else []:
-            conditions[f"{args.eval_noise} {snr:g} dB"] = dw.NoiseMixer.fixed(args.eval_noise, snr, bank, pool, seed=args.seed)
+            conditions[f"{args.eval_noise} {snr:g} dB"] = dw.NoiseMixer.fixed(args.eval_noise, snr, bank, pool, seed=args.eval_seed)
     except (FileNotFoundError, ValueError, ConnectionError) as e:  # data, model or settings the user gave
         raise TrainError(str(e)) from None
 
@@ -552,6 +584,23 @@ def run(args):
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     stream = Stream(train_clips, args.seed)
+    unreadable = {}  # clip -> error, for clips that passed the checks but failed to read
+
+    def load(indices):
+        """(indices, audio, lengths, inputs, targets) of a micro-batch on the device; a clip that
+        passed the checks but cannot be read is replaced by the next one, logged, and left out."""
+        indices = [i if i not in unreadable else readable(train_split, [i], train_clips, unreadable)[0][0] for i in indices]
+        try:
+            audio, lengths, x, y, _ = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device)
+        except Exception:  # find the clip, replace it, go on
+            indices, new = readable(train_split, indices, train_clips, unreadable)
+            if not new:
+                raise
+            for i in new:
+                log({"event": "bad_clip", "iter": iter_num + 1, "index": i, "error": unreadable[i]},
+                    f"step {iter_num + 1}: clip {i} of {args.data} train cannot be read ({unreadable[i]}); left out from now on")
+            audio, lengths, x, y, _ = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device)
+        return indices, audio, lengths, x, y
 
     def save(name, metrics, rngs=None):
         """best/ (weights and config) or, with the RNG states of every rank, latest/ (and state.pt)."""
@@ -567,6 +616,7 @@ def run(args):
         if len(eval_clips) == 0:
             return {}
         results, examples = evaluate(raw_model, tokenizer, val_split, conditions, eval_clips, micro_batch, autocast, rank, world_size, device)
+        gates.clear()  # the hooks saw the evaluation's forward passes too
         line = " | ".join(f"{k}: loss {v['loss']:.3f} WER {100 * v['wer']:.1f}% CER {100 * v['cer']:.1f}%" for k, v in results.items())
         log({"event": "eval", "iter": iter_num, "results": results, "examples": examples}, f"eval at step {iter_num}: {line}")
         for k, (ref, hyp) in examples.items():
@@ -618,13 +668,9 @@ def run(args):
             slices.append((keys, [stream[k] for k in keys]))
         # the loss is the sum over the global batch's target tokens divided by their number, whatever the split
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        batches = []
-        for keys, indices in slices:
-            audio, lengths, x, y, prompts = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device)
-            batches.append((keys, indices, audio, lengths, x, y))
-        local_tokens = sum(int((b[5] != -100).sum()) for b in batches)
-        global_tokens = all_sum([local_tokens], device, world_size)[0]
-        gate_sum = torch.zeros((), device=device)
+        batches = [(keys, *load(indices)) for keys, indices in slices]
+        global_tokens = all_sum([sum(int((y != -100).sum()) for *_, y in batches)], device, world_size)[0]
+        gate_sum = torch.zeros(2, device=device)  # sums of g and |g| over the target tokens, averaged over layers
         for micro_step, (keys, indices, audio, lengths, x, y) in enumerate(batches):
             mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, indices, args.spec_augment, args.seed)
             last = micro_step == len(batches) - 1
@@ -638,10 +684,12 @@ def run(args):
             loss_sum += ce.detach().double()
             if gates:
                 keep = (y != -100)[None]
-                gate_sum += (torch.tanh(torch.stack(gates)[..., 0].float()) * keep).sum() / max(1, len(gates))
+                g = torch.tanh(torch.stack(gates)[..., 0].float()) * keep  # (layers, B, T)
+                gate_sum += torch.stack([g.sum(), g.abs().sum()]) / len(gates)
         # non-finite on any rank: skip the step on every rank, and count it
-        loss_total, gate_total, bad = all_sum([loss_sum.item(), gate_sum.item(), float(not math.isfinite(loss_sum.item()))], device, world_size)
-        loss_value, gate_value = loss_total / global_tokens, gate_total / global_tokens
+        loss_total, gate_total, gate_abs, bad = all_sum([loss_sum.item(), *gate_sum.tolist(), float(not math.isfinite(loss_sum.item()))],
+                                                        device, world_size)
+        loss_value, gate_value, gate_abs = loss_total / global_tokens, gate_total / global_tokens, gate_abs / global_tokens
         grad_norm = float("nan")
         if bad:
             optimizer.zero_grad(set_to_none=True)
@@ -678,9 +726,10 @@ def run(args):
             per_step = t_train / n_timed if n_timed else dt
             eta = per_step * (args.max_iters - iter_num)
             record = {"event": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "gate": gate_value if gates else None, "samples_per_s": args.batch_size / per_step, "skipped": bad_total}
+                      "gate": gate_value if gates else None, "gate_abs": gate_abs if gates else None,
+                      "samples_per_s": args.batch_size / per_step, "skipped": bad_total}
             log(record, f"step {iter_num}/{args.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}"
-                        + (f", gate {gate_value:+.4f}" if gates else "")
+                        + (f", gate {gate_value:+.3f} (|g| {gate_abs:.3f})" if gates else "")
                         + f", {args.batch_size / per_step:.2f} samples/s, eta {eta / 60:.1f} min")
 
     # ---- the end: ranks agree on every parameter bit; the WER before and after

@@ -393,7 +393,23 @@ def test_bad_clips_are_left_out(tmp_path, tiny_dir, tokenizer, jfk_audio, capsys
     assert len(losses(out)) == 3
 
 
-def test_bad_settings_fail_in_one_line(tmp_path, corpus, tiny_dir):
+def test_a_clip_that_fails_to_read_is_replaced(tmp_path, corpus, tiny_dir, monkeypatch):
+    real = prepare.PreparedSplit.batch
+
+    def batch(self, indices, *args, **kwargs):
+        if self.split == "train" and 2 in list(indices):
+            raise OSError("Input/output error")
+        return real(self, indices, *args, **kwargs)
+
+    monkeypatch.setattr(prepare.PreparedSplit, "batch", batch)
+    out = tmp_path / "out"
+    train_main(quick(corpus, tiny_dir, out, "--max_iters", 4, "--eval_interval", 4, "--noise", "none"))
+    bad, = records(out, "bad_clip")
+    assert bad["index"] == 2 and "Input/output error" in bad["error"]
+    assert len(losses(out)) == 4 and all(np.isfinite(v) for v in losses(out).values())
+
+
+def test_bad_settings_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     cases = [(["--data", tmp_path / "nowhere"], "no prepared split"),
              (["--batch_size", 3, "--gradient_accumulation_steps", 2], "must be a multiple of"),
              (["--noise", "rain:0.5"], "unknown kind 'rain'"),
@@ -402,9 +418,11 @@ def test_bad_settings_fail_in_one_line(tmp_path, corpus, tiny_dir):
              (["--resume"], "no checkpoint"),
              (["--plain", "--freeze", "base"], "nothing to train")]
     for extra, message in cases:
+        capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--max_iters", 1, *extra))
-        assert isinstance(e.value.code, str) and "\n" not in e.value.code and message in e.value.code, (extra, e.value.code)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and err.startswith("train.py: error: ") and message in err, (extra, err)
     # as a command: one line on stderr, a non-zero status; and a finished run is never overwritten by a fresh one
     run_train(*quick(corpus, tiny_dir, tmp_path / "done", "--max_iters", 1, "--eval_interval", 1))
     before = (tmp_path / "done" / "latest" / "model.safetensors").read_bytes()
