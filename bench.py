@@ -242,20 +242,24 @@ def train_flops_per_sample(dims, n_tokens, dual=True):
     return 3 * (enc + dec)
 
 
-def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5):
-    """whisper-small (random weights, dual), bfloat16 autocast, compiled, all parts trained: samples/s,
-    model FLOPs utilisation and peak memory, as train.py runs it on a GPU."""
+def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
+    """whisper-small (random weights, dual; or `dims`), all parts trained, as train.py runs it on a
+    GPU (bfloat16 autocast, compiled; float32 and eager elsewhere): samples/s, model FLOPs
+    utilisation and peak memory."""
     import time
+    from contextlib import nullcontext
 
     import torch
 
     import dualwhisper as dw
     import train
 
-    dims = dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12, n_vocab=51865,
-                              n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12)
+    dims = dims or dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12,
+                                      n_vocab=51865, n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bfloat16 is ~100x slower on CPUs
     model = dw.Whisper(dims).to(device).train()
-    compiled = torch.compile(model) if device.type == "cuda" else model
+    compiled = torch.compile(model) if cuda else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     mel = torch.randn(batch_size, 80, 3000, device=device)
     x = torch.randint(0, 50000, (batch_size, n_tokens), device=device)
@@ -264,7 +268,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5):
     times = []
     for s in range(steps + 2):
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast:
             logits = compiled(mel, x)
         train.loss_of(logits, x).div(x.numel()).backward()
         opt.step()
@@ -278,8 +282,9 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5):
     flops = train_flops_per_sample(dims, n_tokens) * rate
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-    print(f"RESULT whisper-small dual, bf16, batch {batch_size} x ({n_tokens} tokens), {name}: {rate:.1f} samples/s, "
-          f"{flops / 1e12:.1f} TFLOP/s" + (f" = {100 * flops / peak:.0f}% MFU (original: about 12% on an A100)" if peak else ""))
+    what = f"{'whisper-small' if dims.n_audio_state == 768 else 'model'} dual, {'bf16' if cuda else 'fp32'}, batch {batch_size}"
+    print(f"RESULT {what} x ({n_tokens} tokens), {name}: {rate:.1f} samples/s, {flops / 1e12:.3g} TFLOP/s"
+          + (f" = {100 * flops / peak:.0f}% MFU (original: about 12% on an A100)" if peak else ""))
     if device.type == "cuda":
         print(f"RESULT peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB (original: about 12 GB at batch 16)")
 
