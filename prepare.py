@@ -336,22 +336,12 @@ def resolve_tokenizer(name):
     """(tokenizer, its entry for meta.json, n_text_ctx) for --model: a checkpoint or tokenizer folder, an official
     name or a hub id, found the way dualwhisper.load_model finds them but fetching the tokenizer files
     only."""
-    path = Path(os.path.expanduser(str(name)))
-    if not path.exists():
-        hub_id = "openai/whisper-" + {"large": "large-v3", "turbo": "large-v3-turbo"}.get(name, name) if name in dw.OFFICIAL_NAMES else name
-        if hub_id.count("/") != 1 or hub_id.startswith((".", "/", "~")):
-            raise PrepareError(f"tokenizer folder not found: {name} (pass a model or tokenizer folder, an official name such as tiny.en, or a hub id)")
-        from huggingface_hub import snapshot_download
-
-        patterns = dw.TOKENIZER_FILES + ["config.json"]
-        try:
-            path = Path(snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            try:
-                path = Path(snapshot_download(hub_id, allow_patterns=patterns))
-            except Exception as e:
-                raise PrepareError(f"cannot fetch the tokenizer of {hub_id} from the Hugging Face Hub ({str(e).strip()[:120] or type(e).__name__});"
-                                   f" pass a local folder, e.g. --model ../shared/models/whisper-tiny.en") from None
+    try:
+        path = dw._resolve(name, dw.TOKENIZER_FILES + ["config.json"], what="tokenizer folder", needs="vocab.json")
+    except FileNotFoundError as e:
+        raise PrepareError(f"{e} (pass a model or tokenizer folder, an official name such as tiny.en, or a hub id)") from None
+    except ConnectionError as e:
+        raise PrepareError(str(e)) from None
     if not (path / "vocab.json").exists():
         raise PrepareError(f"{path} holds no vocab.json: not a Whisper model or tokenizer folder")
     cfg = read_json(path / "config.json") or {}
