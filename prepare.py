@@ -406,9 +406,19 @@ class Transcripts:
 # An item is a dict with id, audio (a path or encoded bytes), text, language, and maybe error
 # (the filter that drops it); (cursor, None) only moves the cursor on.
 
-PATH_COLUMNS = ("path", "audio", "file", "audio_filepath", "filename")
+PATH_COLUMNS = ("path", "audio", "file", "audio_path", "audio_filepath", "filename")
 TEXT_COLUMNS = ("text", "sentence", "transcript", "transcription")
 LANGUAGE_COLUMNS = ("language", "lang", "locale")
+
+
+def _json_lines(lines):
+    """One JSON value per non-blank line, None for a line that is not valid JSON."""
+    for line in lines:
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield None
 
 
 def _sha1_of_file(path):
@@ -465,25 +475,24 @@ class LocalSource:
         suffix = self.manifest.suffix.lower()
         with open(self.manifest, encoding="utf-8", errors="surrogateescape", newline="") as f:
             if suffix == ".jsonl":
-                for line in f:
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError:
-                            row = None
-                        yield row if isinstance(row, dict) else None
+                rows = _json_lines(f)
             elif suffix == ".json":
+                text = f.read()
                 try:
-                    rows = json.load(f)
+                    rows = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise PrepareError(f"{self.manifest} is not valid JSON ({e})") from None
-                if not isinstance(rows, list):
-                    raise PrepareError(f"{self.manifest} holds a JSON {type(rows).__name__}; expected a list of objects with path and text")
-                for row in rows:
-                    yield row if isinstance(row, dict) else None
+                    if e.msg != "Extra data":
+                        raise PrepareError(f"{self.manifest} is not valid JSON ({e})") from None
+                    rows = _json_lines(text.splitlines())  # objects one after another: JSON lines, as NeMo's .json manifests hold
+                else:
+                    rows = [rows] if isinstance(rows, dict) else rows  # one object: JSON lines of one line
+                    if not isinstance(rows, list):
+                        raise PrepareError(f"{self.manifest} holds a JSON {type(rows).__name__}; expected a list of objects with path and text")
             else:
-                for row in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","):
-                    yield None if None in row or None in row.values() else row  # too many or too few fields
+                rows = (None if None in row or None in row.values() else row  # too many or too few fields
+                        for row in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            for row in rows:
+                yield row if isinstance(row, dict) else None
 
     def _columns(self):
         if self.manifest.suffix.lower() in (".csv", ".tsv"):

@@ -13,7 +13,6 @@ same weights); the work is done by `transcribe_many` in dualwhisper.py, which de
 """
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -78,36 +77,25 @@ WRITERS = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "json": to_json}
 
 
 def read_eval_set(data, split):
-    """(clips, texts, languages): clips are float arrays (prepared data) or paths (manifests)."""
+    """(clips, texts, languages): clips are float arrays (prepared data) or paths (manifests, read as
+    prepare.py reads them)."""
+    from prepare import LocalSource, PreparedSplit, PrepareError
+
     data = Path(data)
     if data.is_dir():
-        from prepare import PreparedSplit
-
         ps = PreparedSplit(data, split)
         rows = [ps.row(i) for i in range(len(ps))]
         return ps, [r["text"] for r in rows], [r.get("language") for r in rows]
     if not data.is_file():
         raise FileNotFoundError(f"--eval {data}: no such file or folder")
-    rows = []
-    if data.suffix in (".csv", ".tsv"):
-        with open(data, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if data.suffix == ".tsv" else ","))
-    else:
-        for n, line in enumerate(data.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{data}:{n} is not a JSON object; a manifest holds one {{\"path\": ..., \"text\": ...}} per line") from None
-    clips, texts, languages = [], [], []
-    for n, row in enumerate(rows, 1):
-        path = next((row[k] for k in ("path", "audio", "file", "audio_path") if isinstance(row, dict) and row.get(k)), None)
-        if path is None or row.get("text") is None:
-            raise ValueError(f"{data}: row {n} lacks a path (or audio) and a text column")
-        clips.append(str(data.parent / path) if not os.path.isabs(path) else path)
-        texts.append(row["text"])
-        languages.append(row.get("language"))
-    return clips, texts, languages
+    try:
+        items = [item for _, item in LocalSource(data).items()]
+    except PrepareError as e:
+        raise ValueError(str(e)) from None
+    for n, item in enumerate(items, 1):
+        if "error" in item or item["text"] is None:
+            raise ValueError(f"{data}: row {n} lacks a path or a text, or is not valid JSON or CSV")
+    return [item["audio"] for item in items], [item["text"] for item in items], [item["language"] for item in items]
 
 
 class _Clips:
@@ -219,7 +207,7 @@ def parse_args(argv=None):
                    help="skip a window whose no-speech probability is above this and whose logprob is below logprob_threshold")
     g.add_argument("--without_timestamps", action="store_true", help="decode text only (segments then span whole windows)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", default=None, metavar="DATA", help="a prepare.py folder or a manifest (JSON lines or CSV with path,text)")
+    g.add_argument("--eval", default=None, metavar="DATA", help="a prepare.py folder or a manifest (JSON list or lines, CSV or TSV with path,text)")
     g.add_argument("--split", default="val", help="split of a prepared folder")
     g.add_argument("--limit", type=int, default=0, help="evaluate the first N clips only")
     g.add_argument("--snr", type=float, nargs="*", default=[], help="also evaluate with noise at these SNRs (dB)")

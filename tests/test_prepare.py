@@ -285,6 +285,15 @@ def test_txt_transcripts_missing_or_not_utf8(tmp_path, tiny_en_dir):
     assert [(c, item["id"]) for c, item in source.items(1)] == [(2, "b"), (3, "c")]
 
 
+def test_a_json_manifest_is_a_list_or_json_lines(tmp_path):
+    rows = [{"audio_path": "a.wav", "text": "one"}, {"audio_path": "b.wav", "text": "two"}]
+    for name, text, n in (("list.json", json.dumps(rows), 2), ("lines.json", "".join(json.dumps(r) + "\n" for r in rows), 2),
+                          ("one.json", json.dumps(rows[0]), 1)):
+        (tmp_path / name).write_text(text)
+        items = [item for _, item in pp.LocalSource(tmp_path / name).items()]
+        assert [(item["audio"], item["text"]) for item in items] == [(str(tmp_path / r["audio_path"]), r["text"]) for r in rows[:n]]
+
+
 # -----------------------------------------------------------------------------
 # resume, never half-written
 

@@ -287,9 +287,11 @@ def test_eval_manifest_and_prepared_split_with_noise(tiny_en_dir, jfk_path, tmp_
         assert all(row[0] == "3" for row in table.values())
         wer = {k: float(v[1].rstrip("%")) for k, v in table.items()}
         assert wer["clean"] < 20 and all(wer[k] > wer["clean"] for k in wer if k != "clean"), wer
-    manifest.write_text('{"path": "clip0.wav"}\n')
-    assert sample.main(["--eval", str(manifest), "--model", str(tiny_en_dir)]) == 2
-    assert "lacks a path" in capsys.readouterr().err
+    for lines, message in (([rows[1], {"path": "clip1.wav"}], "row 2 lacks a path"), ([{"path": "clip0.wav"}], "no transcript column")):
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        assert sample.main(["--eval", str(manifest), "--model", str(tiny_en_dir)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_normalizer():
