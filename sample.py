@@ -119,10 +119,12 @@ class _Clips:
 
 
 def noise_bank(folder):
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3", ".opus"))
+    from prepare import AUDIO_SUFFIXES, _audio_files
+
+    files = _audio_files(folder)  # the order of prepare.py --noise_dir
     if not files:
-        raise ValueError(f"--noise {folder}: no audio files (.wav, .flac, .ogg, .mp3, .opus) in that folder")
-    return [dw.load_audio(f) for f in files]
+        raise ValueError(f"--noise {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in that folder")
+    return [dw.load_audio(Path(folder) / f) for f in files]
 
 
 def evaluate(model, args, options):
