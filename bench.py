@@ -129,7 +129,7 @@ def bench_transcribe(args):
 def bench_train(args):
     """Training samples/s of train.py's loop on our model against transformers'
     WhisperForConditionalGeneration trained by the same loop (noise mixing, log-mel on the device,
-    forward, summed cross-entropy, backward, clipping, AdamW step) on the same batches, in the same
+    forward with each model's cross-entropy, backward, clipping, AdamW step) on the same batches, in the same
     dtype, with the same parts frozen; the two are timed step by step in turn in one process, so
     that both see the same machine load. On a GPU it also gives whisper-small's model FLOPs
     utilisation and peak memory in bfloat16 (the original project: about 32 samples/s on an A100,
@@ -180,7 +180,8 @@ def bench_train(args):
         for part, module in (("encoder", encoder), ("decoder", decoder)):
             for name, q in module.named_parameters():
                 q.requires_grad_(not (part in frozen and not dw.is_dual_parameter(name)))
-    forward = {label: lambda mel, x: ours(mel, x), "transformers": lambda mel, x: hf(input_features=mel, decoder_input_ids=x).logits}
+    # each model's own training loss: the mean cross-entropy over the target tokens
+    loss_of = {label: lambda mel, x, y: ours(mel, x, y), "transformers": lambda mel, x, y: hf(input_features=mel, decoder_input_ids=x, labels=y).loss}
     models = {label: ours, "transformers": hf}
     optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5, fused=device.type == "cuda")
                   for k, m in models.items()}
@@ -196,8 +197,7 @@ def bench_train(args):
         audio, lengths, x, y, _ = batch
         mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=indices, exclude=indices)
         with autocast:
-            logits = forward[name](mel, x)
-        loss = train.loss_of(logits.float(), y) / (y != -100).sum()
+            loss = loss_of[name](mel, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for q in models[name].parameters() if q.requires_grad], 1.0)
         optimizers[name].step()
@@ -269,8 +269,8 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     for s in range(steps + 2):
         t0 = time.perf_counter()
         with autocast:
-            logits = compiled(mel, x)
-        train.loss_of(logits, x).div(x.numel()).backward()
+            loss = compiled(mel, x, x)  # the mean cross-entropy, as train.py's loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -678,8 +678,7 @@ def run(args):
             gates.clear()
             with sync:
                 with autocast:
-                    logits = model(mel, x)  # (B, T, n_vocab) float32
-                ce = loss_of(logits, y)  # summed over the target tokens
+                    ce = model(mel, x, y, reduction="sum")  # over the target tokens, from float32 logits
                 scaler.scale(ce * (world_size / global_tokens)).backward()
             loss_sum += ce.detach().double()
             if gates:
@@ -748,11 +747,6 @@ def run(args):
     if master:
         print(f"done: {out_dir}/best (lowest mean WER) and {out_dir}/latest; transcribe with: python sample.py --model {out_dir} FILE")
     return finish(world_size)
-
-
-def loss_of(logits, targets):
-    """Cross-entropy summed over the target tokens (targets -100 elsewhere)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 def finish(world_size):

@@ -334,14 +334,16 @@ def test_frozen_parts_stay_bit_identical(tmp_path, corpus, tiny_dir, freeze):
 
 
 def poison(monkeypatch, bad_calls):
-    """Make train.loss_of return NaN on the given calls (1-based; one call per micro-step)."""
-    real, calls = train.loss_of, []
+    """Make the training loss (Whisper.forward with targets) NaN on the given calls (1-based; one call per micro-step)."""
+    real, calls = dw.Whisper.forward, []
 
-    def loss_of(logits, targets):
+    def forward(self, mel, tokens, targets=None, reduction="mean"):
+        if targets is None:
+            return real(self, mel, tokens)
         calls.append(1)
-        return real(logits, targets) * (float("nan") if bad_calls(len(calls)) else 1.0)
+        return real(self, mel, tokens, targets, reduction) * (float("nan") if bad_calls(len(calls)) else 1.0)
 
-    monkeypatch.setattr(train, "loss_of", loss_of)
+    monkeypatch.setattr(dw.Whisper, "forward", forward)
 
 
 def test_non_finite_loss_skips_the_step(tmp_path, corpus, tiny_dir, monkeypatch):
