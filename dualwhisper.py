@@ -733,13 +733,14 @@ class Whisper(nn.Module):
     def logits(self, tokens, audio_features):
         return self.decoder(tokens, audio_features)
 
-    def forward(self, mel, tokens, targets=None):
+    def forward(self, mel, tokens, targets=None, reduction="mean"):
         """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab); with targets (B, T),
-        where -100 marks positions to ignore, the mean cross-entropy instead."""
+        where -100 marks positions to ignore, the cross-entropy instead: its mean over the target
+        tokens, or with reduction="sum" their sum (train.py divides by the global batch's count)."""
         logits = self.decoder(tokens, self.encoder(mel))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction)
 
     def analyse(self, mel, tokens):
         """Logits plus, per decoder layer, the gate values (B, T) and both branches' cross-attention
