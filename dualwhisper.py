@@ -482,31 +482,25 @@ class MultiHeadAttention(nn.Module):
                 cache[0][:, :, offset:offset + T] = k
                 cache[1][:, :, offset:offset + T] = v
                 k, v = cache[0][:, :, :offset + T], cache[1][:, :, :offset + T]
-        G, H, D = B // k.shape[0], q.shape[1], q.shape[3]
-        if G > 1:  # groups of G rows share a window's keys (beams, samples): one longer query each
-            q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
-        # few queries on a CPU (a decoding step): explicit products, which stream the keys and
-        # values twice as fast as the fused kernel (tiny.en's 1500 audio positions: 0.5 ms
-        # against 1 ms a layer); the same when the weights are wanted
-        explicit = weights is not None or (x.device.type == "cpu" and q.shape[2] <= 8)
         if mask is None and causal and T > 1:
-            if offset == 0 and not explicit:
+            if offset == 0 and weights is None:
                 mask = "causal"
             else:  # query i sits at position offset + i and may see keys up to there
                 i = torch.arange(T, device=x.device)[:, None] + offset
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
-        if not explicit:
+        if weights is None and k.shape[0] < B:  # groups of rows share a window (beams): one longer query each
+            G, H, D = B // k.shape[0], q.shape[1], q.shape[3]
+            q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
+            y = F.scaled_dot_product_attention(q, k, v).view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
+        elif weights is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal")
         else:
-            att = (q @ k.transpose(-2, -1)).float() * (D ** -0.5)
+            att = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             att = att.softmax(dim=-1)
-            if weights is not None:
-                weights.append(att)
+            weights.append(att)
             y = att.to(q.dtype) @ v
-        if G > 1:
-            y = y.view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
