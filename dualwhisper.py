@@ -1349,7 +1349,10 @@ def encode_audio(model, mel):
     param = next(model.parameters())
     if mel.shape[-2:] == (model.dims.n_audio_ctx, model.dims.n_audio_state):
         return mel.to(param.device, param.dtype)
-    return model.encoder(mel.to(param.device, param.dtype))
+    mel = mel.to(param.device, param.dtype)
+    if mel.device.type == "cpu":  # one window at a time, whose activations stay in the CPU's cache
+        return torch.cat([model.encoder(m[None]) for m in mel])  # (16 at once: about 1.4x slower a window)
+    return model.encoder(mel)
 
 
 @torch.no_grad()
