@@ -183,7 +183,7 @@ def bench_train(args):
     # each model's own training loss: the mean cross-entropy over the target tokens
     loss_of = {label: lambda mel, x, y: ours(mel, x, y), "transformers": lambda mel, x, y: hf(input_features=mel, decoder_input_ids=x, labels=y).loss}
     models = {label: ours, "transformers": hf}
-    optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5, fused=device.type == "cuda")
+    optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5, fused=device.type in ("cpu", "cuda"))
                   for k, m in models.items()}
 
     clips = np.arange(len(split))
@@ -260,7 +260,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bfloat16 is ~100x slower on CPUs
     model = dw.Whisper(dims).to(device).train()
     compiled = torch.compile(model) if cuda else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
     mel = torch.randn(batch_size, 80, 3000, device=device)
     x = torch.randint(0, 50000, (batch_size, n_tokens), device=device)
     if device.type == "cuda":

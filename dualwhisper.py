@@ -395,40 +395,9 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type(x.dtype)
 
 
-# Decoding multiplies a few rows (one per window or beam) by each weight, and on a CPU such a
-# product is bound by reading the weight from memory. Stored input-major, (in, out) in memory,
-# a weight streams about twice as fast (tiny.en's 80 MB output projection: 4.6 ms against
-# 10 ms for one row on this project's 2-core test machine). So CPU inference without autograd
-# keeps an input-major copy of each weight it multiplies so, made again whenever the weight
-# changes (an optimiser step, a load), on the module, at the cost of that memory once more. The parameters
-# themselves keep the usual layout: fused AdamW assumes that weights and their optimiser state
-# share one.
-FEW_ROWS = 256
-
-
-def _input_major(module, w, dtype):
-    """w (out, in) as an (in, out) contiguous copy in dtype, kept on `module`."""
-    key = (w._version, w.data_ptr(), dtype)
-    hit = getattr(module, "_input_major_copy", None)
-    if hit is None or hit[0] != key:
-        module._input_major_copy = None  # free the stale copy first
-        hit = module._input_major_copy = (key, w.detach().to(dtype).t().contiguous())
-    return hit[1]
-
-
-def _few_rows(x):
-    """True when x @ W should use W's input-major copy: a CPU product of few rows, no autograd."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= FEW_ROWS * x.shape[-1]
-
-
 class Linear(nn.Linear):
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if _few_rows(x) and self.out_features >= self.in_features:  # (narrowing ones stream as fast as they are)
-            wt = _input_major(self, self.weight, x.dtype)
-            y = x.reshape(-1, x.shape[-1]) @ wt if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), wt)
-            return y.view(*x.shape[:-1], wt.shape[1])
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Conv1d(nn.Conv1d):
@@ -464,6 +433,22 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of the audio features: computed once per window when decoding."""
         return self.heads(self.key(xa)), self.heads(self.value(xa))
 
+    def folded(self, q, xa):
+        """Cross-attention of fewer text tokens T than a head has dimensions D (training on short
+        utterances), with the key and value projections folded into the queries and the output:
+        q . (xa Wk)^T = (q Wk) . xa^T and p (xa Wv^T + bv) = (p xa) Wv^T + bv, as rows of p sum
+        to 1. This costs T/D of projecting the S audio positions to keys and values, forward and
+        backward, the bulk of a decoder's work when T is small. Used with autograd only: without
+        it, the usual form gives openai-whisper's numbers bit for bit. q: (B, H, T, D) -> (B, H, T, D)."""
+        B, H, T, D = q.shape
+        wk = self.key.weight.to(q.dtype).view(H, D, -1)  # (H, D, C)
+        wv = self.value.weight.to(q.dtype).view(H, D, -1)
+        xa = xa.to(q.dtype)  # (B, S, C)
+        qk = torch.einsum("bhtd,hdc->bhtc", q, wk).reshape(B, H * T, -1)  # heads side by side: one product with xa
+        att = (qk @ xa.transpose(1, 2)).float() * (D ** -0.5)  # (B, H * T, S)
+        mixed = (att.softmax(dim=-1).to(q.dtype) @ xa).view(B, H, T, -1)  # (B, H, T, C)
+        return torch.einsum("bhtc,hdc->bhtd", mixed, wv) + self.value.bias.to(q.dtype).view(H, D)[:, None]
+
     def forward(self, x, xa=None, kv=None, causal=False, cache=None, offset=0, weights=None, mask=None):
         """x: (B, T, C). Cross-attention takes xa (B, S, C) or its precomputed kv. Cached
         self-attention writes this step's keys and values at positions offset..offset+T of the
@@ -472,6 +457,9 @@ class MultiHeadAttention(nn.Module):
         `mask` (B, 1, T, S), True where a query may look, replaces the causal mask (padded batches)."""
         B, T, C = x.shape
         q = self.heads(self.query(x))
+        H, D = q.shape[1], q.shape[3]
+        if kv is None and xa is not None and T < D and weights is None and torch.is_grad_enabled():
+            return self.out(self.folded(q, xa).transpose(1, 2).reshape(B, T, C))
         if kv is not None:
             k, v = kv
         elif xa is not None:
@@ -595,6 +583,8 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel):
         """mel: (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
+        if mel.device.type == "cpu" and mel.shape[0] > 1:  # one window at a time on a CPU: its activations
+            return torch.cat([self(m[None]) for m in mel])  # stay in cache (16 at once: 1.4x slower a window)
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x))
         x = x.permute(0, 2, 1)  # (B, T, C)
@@ -653,21 +643,20 @@ class TextDecoder(nn.Module):
 
     def project(self, x):
         """Float32 logits (..., n_vocab) of final states x (..., C): the output is tied to the embedding."""
-        if not _few_rows(x):
-            return (x @ self.token_embedding.weight.to(x.dtype).t()).float()
-        wt = _input_major(self, self.token_embedding.weight, x.dtype)  # (C, V)
+        w = self.token_embedding.weight.to(x.dtype)
         rows = x.reshape(-1, x.shape[-1])
-        N, (C, V), chunk = rows.shape[0], wt.shape, 1024
+        (V, C), chunk = w.shape, 1024
         n = V // chunk
-        if N == 1 or n < 2:
-            return (rows @ wt).float().view(*x.shape[:-1], V)
-        # several rows: as a batch of products over 1024-token slices of the vocabulary, which
-        # keeps both cores streaming where one (N, C) @ (C, V) product does not (5 rows: 12 ms
-        # against 18 ms for tiny.en)
+        if x.device.type != "cpu" or torch.is_grad_enabled() or rows.shape[0] > 256 or n < 2:
+            return (x @ w.t()).float()
+        # a decoding step on a CPU, a few rows: as a batch of products over 1024-token slices of
+        # the vocabulary, which streams the 80 MB weight (tiny.en) about twice as fast as one
+        # product does, for one row and for several
+        N = rows.shape[0]
         out = torch.empty(N, V, dtype=x.dtype)
-        head = wt[:, :n * chunk].view(C, n, chunk).transpose(0, 1)  # (n, C, chunk), strided
+        head = w[:n * chunk].view(n, chunk, C).transpose(1, 2)  # (n, C, chunk)
         out[:, :n * chunk].view(N, n, chunk).copy_(torch.bmm(rows.expand(n, N, C), head).transpose(0, 1))
-        out[:, n * chunk:] = rows @ wt[:, n * chunk:]
+        out[:, n * chunk:] = rows @ w[n * chunk:].t()
         return out.float().view(*x.shape[:-1], V)
 
 
@@ -1349,10 +1338,7 @@ def encode_audio(model, mel):
     param = next(model.parameters())
     if mel.shape[-2:] == (model.dims.n_audio_ctx, model.dims.n_audio_state):
         return mel.to(param.device, param.dtype)
-    mel = mel.to(param.device, param.dtype)
-    if mel.device.type == "cpu":  # one window at a time, whose activations stay in the CPU's cache
-        return torch.cat([model.encoder(m[None]) for m in mel])  # (16 at once: about 1.4x slower a window)
-    return model.encoder(mel)
+    return model.encoder(mel.to(param.device, param.dtype))
 
 
 @torch.no_grad()

@@ -127,6 +127,25 @@ OFFICIAL = {
 }
 
 
+def test_folded_cross_attention_matches_keys_and_values():
+    """Training on fewer tokens than a head's dimensions folds the key and value projections into
+    the queries and the output: the same outputs and gradients as projecting the audio."""
+    torch.manual_seed(0)
+    att = dw.MultiHeadAttention(384, 6)
+    torch.nn.init.normal_(att.value.bias)  # a bias that matters
+    x, xa = torch.randn(3, 10, 384, requires_grad=True), torch.randn(3, 1500, 384)
+    params = [x, att.query.weight, att.key.weight, att.value.weight, att.value.bias, att.out.weight]
+    folded = att(x, xa)  # 10 tokens < 64 dimensions a head, with autograd: folded
+    unfolded = att(x, kv=att.kv(xa))
+    assert (folded - unfolded).abs().max() < 1e-5 * unfolded.abs().max()
+    g1 = torch.autograd.grad((folded * unfolded.detach()).sum(), params)
+    g2 = torch.autograd.grad((unfolded * unfolded.detach()).sum(), params)
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() < 1e-5 * b.abs().max()
+    with torch.no_grad():  # without autograd the usual form, as openai-whisper computes it
+        assert torch.equal(att(x, xa), att(x, kv=att.kv(xa)))
+
+
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_every_official_size_builds_and_maps_key_for_key(name):
     transformers = need("transformers")
