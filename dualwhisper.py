@@ -587,7 +587,7 @@ class AudioEncoder(nn.Module):
             return torch.cat([self(m[None]) for m in mel])  # stay in cache (16 at once: 1.4x slower a window)
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x))
-        x = x.permute(0, 2, 1)  # (B, T, C)
+        x = x.permute(0, 2, 1).contiguous()  # (B, T, C) in that order in memory, or every later op copies
         if x.shape[1] > self.positional_embedding.shape[0]:
             raise ValueError(f"audio of {x.shape[1]} positions is longer than the encoder's {self.positional_embedding.shape[0]}")
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
