@@ -263,7 +263,16 @@ def load(args):
 def main(argv=None):
     args = parse_args(argv)
     options = decode_options(args)
+    formats = list(WRITERS) if args.output_format == "all" else [args.output_format or "txt"] if args.output_format or args.output_dir else []
+    out_dir = Path(args.output_dir or ".")
     try:
+        if formats and not args.eval:  # each file's outputs are named by its stem: two stems alike would overwrite
+            first = {}
+            for path in args.audio:
+                other = first.setdefault(Path(path).stem, path)
+                if Path(other).resolve() != Path(path).resolve():
+                    raise ValueError(f"{other} and {path} would both be written as {Path(path).stem}.{formats[0]} in {out_dir}: "
+                                     "transcribe them in separate runs with different --output_dir")
         dw.DecodingOptions(**{k: v for k, v in options.items() if k in ("task", "beam_size", "patience", "length_penalty")})
         model = load(args)
         if args.language is not None:
@@ -275,8 +284,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    formats = list(WRITERS) if args.output_format == "all" else [args.output_format or "txt"] if args.output_format or args.output_dir else []
-    out_dir = Path(args.output_dir or ".")
     if formats:
         out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0

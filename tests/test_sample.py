@@ -245,6 +245,21 @@ def test_cli_settings(tiny_en_dir, jfk_path, capsys, args, message):
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_cli_refuses_outputs_that_would_overwrite_each_other(tiny_en_dir, jfk_path, tmp_path, capsys):
+    """a/jfk.flac and b/jfk.flac would both write jfk.txt: refused before anything is written."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(jfk_path, tmp_path / sub / "jfk.flac")
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "a" / "jfk.flac"), str(tmp_path / "b" / "jfk.flac"), "--model", str(tiny_en_dir), "--output_dir", str(out)]
+    code = sample.main(argv)
+    stderr = capsys.readouterr().err
+    assert code == 2 and "would both be written as jfk.txt" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    assert sample.main([str(jfk_path), str(jfk_path), "--model", str(tiny_en_dir), "--output_dir", str(out)]) == 0  # the same file twice is fine
+    assert (out / "jfk.txt").read_text().startswith("And so")
+
+
 def test_cli_runs_as_a_script(tiny_en_dir, jfk_path):
     run = subprocess.run([sys.executable, "sample.py", str(jfk_path), "--model", str(tiny_en_dir), "--verbose"],
                          capture_output=True, text=True, cwd=ROOT)
