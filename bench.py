@@ -256,7 +256,6 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     import torch
 
     import dualwhisper as dw
-    import train
 
     dims = dims or dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12,
                                       n_vocab=51865, n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12)
@@ -267,7 +266,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
     mel = torch.randn(batch_size, 80, 3000, device=device)
     x = torch.randint(0, 50000, (batch_size, n_tokens), device=device)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for s in range(steps + 2):
@@ -277,19 +276,19 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         if s >= 2:  # compile and warm-up first
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
     rate = batch_size / step
     flops = train_flops_per_sample(dims, n_tokens) * rate
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
     what = f"{'whisper-small' if dims.n_audio_state == 768 else 'model'} dual, {'bf16' if cuda else 'fp32'}, batch {batch_size}"
     print(f"RESULT {what} x ({n_tokens} tokens), {name}: {rate:.1f} samples/s, {flops / 1e12:.3g} TFLOP/s"
           + (f" = {100 * flops / peak:.0f}% MFU (original: about 12% on an A100)" if peak else ""))
-    if device.type == "cuda":
+    if cuda:
         print(f"RESULT peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB (original: about 12 GB at batch 16)")
 
 

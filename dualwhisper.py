@@ -457,8 +457,7 @@ class MultiHeadAttention(nn.Module):
         `mask` (B, 1, T, S), True where a query may look, replaces the causal mask (padded batches)."""
         B, T, C = x.shape
         q = self.heads(self.query(x))
-        H, D = q.shape[1], q.shape[3]
-        if kv is None and xa is not None and T < D and weights is None and torch.is_grad_enabled():
+        if kv is None and xa is not None and T < q.shape[3] and weights is None and torch.is_grad_enabled():
             return self.out(self.folded(q, xa).transpose(1, 2).reshape(B, T, C))
         if kv is not None:
             k, v = kv
