@@ -219,14 +219,17 @@ def bench_train(args):
                 times[name].append(time.perf_counter() - t0)
     print(f"training step of {a.model} on {a.data}, batch {a.batch_size} x 30 s, {dtype} on {device}"
           f" ({torch.get_num_threads()} threads), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
-    # the best step and the median: this shared 2-core machine's speed drifts by 10-20% from one
-    # minute to the next, which the best step (as timeit advises) shows least
+    # throughput over all timed steps, and at the best and the median step: this shared 2-core
+    # machine's speed drifts by 10-20% from one minute to the next, which the best step (as
+    # timeit advises) shows least
+    overall = {k: a.batch_size * len(v) / sum(v) for k, v in times.items()}
     best = {k: a.batch_size / min(v) for k, v in times.items()}
     median = {k: a.batch_size / float(np.median(v)) for k, v in times.items()}
     for k in times:
-        print(f"RESULT train {k:15s}: {best[k]:.3f} samples/s at the best step ({min(times[k]):.2f} s), {median[k]:.3f} at the median")
-    print(f"RESULT {label} / transformers: {best[label] / best['transformers']:.2f}x at the best step, "
-          f"{median[label] / median['transformers']:.2f}x at the median (target: 1.3x)")
+        print(f"RESULT train {k:15s}: {overall[k]:.3f} samples/s over all steps, {best[k]:.3f} at the best step "
+              f"({min(times[k]):.2f} s), {median[k]:.3f} at the median")
+    print(f"RESULT {label} / transformers: {overall[label] / overall['transformers']:.2f}x over all steps, "
+          f"{best[label] / best['transformers']:.2f}x at the best step, {median[label] / median['transformers']:.2f}x at the median (target: 1.3x)")
 
     if a.mfu if a.mfu is not None else device.type == "cuda":
         bench_train_mfu(device)
