@@ -7,7 +7,6 @@ The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_pos
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """
 
-import base64
 import copy
 import json
 import math
@@ -1405,7 +1404,7 @@ def _decode(model, tokenizer, base, rows, options, languages, prompts=None, init
     n_ctx = model.dims.n_text_ctx
     sample_len = o.sample_len or n_ctx // 2
     G = o.beam_size or o.best_of or 1  # rows per window: beams or samples
-    eot, tb = tokenizer.eot, tokenizer.timestamp_begin
+    eot = tokenizer.eot
     dev = base.self_kv[0][0].device
 
     # the initial tokens of each window: [<|startofprev|> prompt] <|startoftranscript|> [language task] [<|notimestamps|>] [prefix]
@@ -1662,7 +1661,7 @@ class _Transcript:
     def add(self, result):
         """Take the decoded window: cut it into segments at pairs of timestamps and move on to the
         last complete segment's end (or past the window when it ends in silence)."""
-        tokenizer, seek, tb = self.tokenizer, self.seek, self.tokenizer.timestamp_begin
+        seek, tb = self.seek, self.tokenizer.timestamp_begin
         skip = self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
         if skip and self.logprob_threshold is not None and result.avg_logprob > self.logprob_threshold:
             skip = False  # confident text despite the no-speech probability
