@@ -405,10 +405,11 @@ class Conv1d(nn.Conv1d):
 
 
 def sinusoids(length, channels, max_timescale=10000):
-    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines."""
+    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines. Computed on the CPU
+    even where a model is built on the meta device: arithmetic there imports torch._dynamo (2 s)."""
     assert channels % 2 == 0
-    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2))
-    t = torch.arange(length)[:, None] * inv[None, :]
+    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2, device="cpu"))
+    t = torch.arange(length, device="cpu")[:, None] * inv[None, :]
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 
@@ -600,9 +601,11 @@ class AudioEncoder(nn.Module):
 class TextDecoder(nn.Module):
     def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual):
         super().__init__()
-        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.token_embedding = nn.Embedding(n_vocab, n_state, _weight=torch.empty(n_vocab, n_state))  # initialised below
         self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        if not self.positional_embedding.is_meta:  # load_model builds on the meta device, where normal_ imports torch._dynamo (2 s)
+            nn.init.normal_(self.token_embedding.weight)  # nn.Embedding's own initialisation
+            nn.init.normal_(self.positional_embedding, std=0.01)
         self.blocks = nn.ModuleList(
             [ResidualAttentionBlock(n_state, n_head, cross_attention=True, dual=dual) for _ in range(n_layer)])
         self.ln = LayerNorm(n_state)
@@ -956,7 +959,9 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
     for block in model.decoder.blocks:  # the new parts, still on the meta device: initialise them
         if block.dual and any(p.is_meta for p in block.gate.parameters()):
             for m in (block.cross_attn2, block.cross_attn2_ln, block.gate):
-                m.to_empty(device="cpu")
+                for sub in m.modules():  # as Module.to_empty(device="cpu") would, without its import of sympy (0.8 s)
+                    for name, p in list(sub.named_parameters(recurse=False)):
+                        setattr(sub, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype)))
             block.reset_dual_parameters()
     model = model.to(device=device, dtype=dtype)
     model.source_dir = source_dir
