@@ -263,12 +263,12 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab_path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"tokenizer vocabulary {vocab_path} is not valid JSON: {e}") from None
-        byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        to_bytes = {ord(c): b for b, c in _bytes_to_unicode().items()}  # str.translate, then latin-1: each character one byte
         ranks = {}
         for token, rank in vocab.items():
             if token.startswith("<|") and token.endswith("|>"):
                 continue  # special tokens are added below, in Whisper's order
-            ranks[bytes(byte_decoder[c] for c in token)] = rank
+            ranks[token.translate(to_bytes).encode("latin-1")] = rank
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError(f"{vocab_path} does not hold a contiguous BPE vocabulary")
         self.num_languages = num_languages
