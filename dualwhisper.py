@@ -405,12 +405,12 @@ class Conv1d(nn.Conv1d):
 
 
 def sinusoids(length, channels, max_timescale=10000):
-    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines. Computed on the CPU
-    even where a model is built on the meta device: arithmetic there imports torch._dynamo (2 s)."""
+    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines. Computed on the CPU,
+    then moved to the default device: on the meta device (load_model), arithmetic imports torch._dynamo (2 s)."""
     assert channels % 2 == 0
     inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2, device="cpu"))
     t = torch.arange(length, device="cpu")[:, None] * inv[None, :]
-    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1).to(torch.get_default_device())
 
 
 class MultiHeadAttention(nn.Module):
