@@ -183,7 +183,7 @@ def bench_train(args):
     # each model's own training loss: the mean cross-entropy over the target tokens
     loss_of = {label: lambda mel, x, y: ours(mel, x, y), "transformers": lambda mel, x, y: hf(input_features=mel, decoder_input_ids=x, labels=y).loss}
     models = {label: ours, "transformers": hf}
-    optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5, fused=device.type in ("cpu", "cuda"))
+    optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5, fused=device.type in train.FUSED_ADAMW_DEVICES)
                   for k, m in models.items()}
 
     clips = np.arange(len(split))
@@ -259,6 +259,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     import torch
 
     import dualwhisper as dw
+    import train
 
     dims = dims or dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12,
                                       n_vocab=51865, n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12)
@@ -266,7 +267,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bfloat16 is ~100x slower on CPUs
     model = dw.Whisper(dims).to(device).train()
     compiled = torch.compile(model) if cuda else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in train.FUSED_ADAMW_DEVICES)
     mel = torch.randn(batch_size, 80, 3000, device=device)
     x = torch.randint(0, 50000, (batch_size, n_tokens), device=device)
     if cuda:
