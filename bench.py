@@ -5,6 +5,7 @@ bench.py: timings against baselines measured in the same run, printed as ratios.
                                transformers where installed)
   python bench.py train        training samples/s vs transformers' Whisper in the same loop
   python bench.py prepare      hours of audio prepared per minute, and batch read speed
+  python bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
 """
 
 import argparse
@@ -19,6 +20,7 @@ def bench_transcribe(args):
     printed with the ratio to openai-whisper. Two cases: one file (jfk.flac), and --files short
     clips (pieces of jfk.flac at other speeds) that openai-whisper transcribes one at a time and
     we decode --batch_size windows at a time."""
+    import os
     import statistics
     import tempfile
     import time
@@ -29,7 +31,7 @@ def bench_transcribe(args):
 
     import dualwhisper as dw
 
-    shared = Path(__file__).resolve().parent.parent / "shared"
+    shared = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parent.parent / "shared"))
     p = argparse.ArgumentParser(prog="bench.py transcribe", description=bench_transcribe.__doc__)
     p.add_argument("--model", default=str(shared / "models" / "whisper-tiny.en"), help="a hub-layout checkpoint folder")
     p.add_argument("--audio", default=str(shared / "audio" / "jfk.flac"), help="the one file, and the source of the short clips")
@@ -249,7 +251,7 @@ def train_flops_per_sample(dims, n_tokens, dual=True):
     return 3 * (enc + dec)
 
 
-def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
+def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, compile=None, profile=False):
     """whisper-small (random weights, dual; or `dims`), all parts trained, as train.py runs it on a
     GPU (bfloat16 autocast, compiled; float32 and eager elsewhere): samples/s, model FLOPs
     utilisation and peak memory."""
@@ -266,15 +268,15 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bfloat16 is ~100x slower on CPUs
     model = dw.Whisper(dims).to(device).train()
-    compiled = torch.compile(model) if cuda else model
+    compiled = torch.compile(model) if (cuda if compile is None else compile) else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in train.FUSED_ADAMW_DEVICES)
     mel = torch.randn(batch_size, 80, 3000, device=device)
     x = torch.randint(0, 50000, (batch_size, n_tokens), device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for s in range(steps + 2):
-        t0 = time.perf_counter()
+
+    def train_step():
         with autocast:
             loss = compiled(mel, x, x)  # the mean cross-entropy, as train.py's loss
         loss.backward()
@@ -282,6 +284,10 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+
+    for s in range(steps + 2):
+        t0 = time.perf_counter()
+        train_step()
         if s >= 2:  # compile and warm-up first
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
@@ -294,6 +300,43 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None):
           + (f" = {100 * flops / peak:.0f}% MFU (original: about 12% on an A100)" if peak else ""))
     if cuda:
         print(f"RESULT peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB (original: about 12 GB at batch 16)")
+    if profile:
+        profile_steps(train_step, cuda)
+
+
+def profile_steps(step, cuda, n=3):
+    """Where the time of `n` steps goes: device time by kind of kernel, and how much of the wall
+    time the device was busy (the rest is launch overhead or host work)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if not cuda:
+        print("PROFILE: device time is profiled on CUDA only")
+        return
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        wall = (time.perf_counter() - t0) / n
+    kinds = {"attention": ("flash", "fmha", "attention", "sdpa"), "matmul": ("gemm", "nvjet", "cutlass", "sm90_", "cublas"),
+             "convolution": ("conv", "cudnn"), "optimizer": ("adam", "multi_tensor", "foreach"), "fused (triton)": ("triton",)}
+    by_kind, rows = {}, []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        if not t or str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":  # kernels, not the ops that launch them
+            continue
+        name = e.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(w in name for w in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0) + t / n / 1e3
+        rows.append((t / n / 1e3, e.count // n, e.key[:90]))
+    busy = sum(by_kind.values())
+    print(f"PROFILE step {wall * 1e3:.1f} ms wall, device busy {busy:.1f} ms ({100 * busy / (wall * 1e3):.0f}%)")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"PROFILE   {kind:15s} {t:7.1f} ms")
+    for t, count, name in sorted(rows, reverse=True)[:12]:
+        print(f"PROFILE   {t:7.2f} ms {count:5d}x {name}")
 
 
 def bench_prepare(args):
@@ -445,9 +488,29 @@ def bench_prepare(args):
             shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_mfu(args):
+    """whisper-small (random weights) trained as train.py trains it on a GPU: bfloat16 autocast,
+    torch.compile, fused AdamW, every part trained. Prints samples/s, model FLOPs utilisation
+    against the GPU's dense bfloat16 peak, and peak memory, for each --batch_size."""
+    import torch
+
+    p = argparse.ArgumentParser(prog="bench.py mfu", description=bench_mfu.__doc__)
+    p.add_argument("--batch_size", type=int, nargs="+", default=[16], help="one run per batch size")
+    p.add_argument("--tokens", type=int, default=64, help="decoder tokens per clip")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on a GPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="then profile 3 steps: device time by kind of kernel")
+    a = p.parse_args(args)
+    for batch_size in a.batch_size:
+        bench_train_mfu(torch.device(a.device), batch_size, a.tokens, a.steps, compile=a.compile, profile=a.profile)
+
+
+BENCHMARKS = {"transcribe": bench_transcribe, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu}
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["transcribe", "train", "prepare"])
-    args, rest = parser.parse_known_args()
-    sys.argv = [sys.argv[0]] + rest
-    {"transcribe": bench_transcribe, "train": bench_train, "prepare": bench_prepare}[args.what](rest)
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:  # bench.py NAME --help is NAME's help
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("what", choices=list(BENCHMARKS))
+        parser.parse_args()
+    BENCHMARKS[sys.argv[1]](sys.argv[2:])
