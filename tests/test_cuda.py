@@ -2,8 +2,8 @@
 DUALWHISPER_TEST_DEVICE=cpu to walk them on the CPU). Transcription on the GPU against
 openai-whisper on the same GPU and against our CPU numbers; float16, bfloat16 and the compiled
 decoder through sample.py; batching; GPU memory over long audio. train.py on the GPU: autocast
-with and without a GradScaler, torch.compile, fused AdamW, NCCL under torchrun; noise mixing and
-log-mel on the device."""
+with and without a GradScaler, torch.compile, fused AdamW, NCCL under torchrun; log-mel on the
+device. Noise mixing on the GPU is test_train's SNR test, which runs on each device there is."""
 
 import copy
 import json
@@ -16,11 +16,10 @@ import pytest
 import torch
 from conftest import ROOT, need
 from safetensors.torch import load_file
-from test_sample import _segments, _wav, assert_same_transcript, long_audio  # noqa: F401 (a fixture)
-from test_train import corpus, measured_snr, quick, records, run_train, tiny_model, tokenizer  # noqa: F401
+from test_sample import _wav, assert_batched_matches_alone, assert_same_transcript, long_audio  # noqa: F401 (a fixture)
+from test_train import abs_diff, corpus, quick, records, run_train, tiny_model, tokenizer  # noqa: F401
 
 import dualwhisper as dw
-import prepare
 
 DEVICE = torch.device(os.environ.get("DUALWHISPER_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
@@ -80,11 +79,7 @@ def test_transcripts_match_openai_whisper_on_the_device(tiny_en_gpu, openai_tiny
 
 def test_batched_windows_on_the_device_match_one_file_at_a_time(tiny_en_gpu, jfk_audio, long_audio):
     audios = [long_audio[: 35 * SR], jfk_audio[: 3 * SR], np.zeros(4 * SR, np.float32), long_audio[20 * SR:]]
-    alone = [dw.transcribe(tiny_en_gpu, a, **GREEDY) for a in audios]
-    together = dict(dw.transcribe_many(tiny_en_gpu, audios, batch_size=3, **GREEDY))
-    for i, a in enumerate(alone):
-        assert together[i]["text"] == a["text"], i
-        assert _segments(together[i]) == _segments(a), i
+    alone = assert_batched_matches_alone(tiny_en_gpu, audios, batch_size=3)
     assert alone[2]["text"] == ""
 
 
@@ -145,19 +140,6 @@ def test_device_memory_does_not_grow_with_the_audio(tiny_en_gpu, long_audio):
 # training on the device
 
 
-def test_noise_hits_the_requested_snr_on_the_device(corpus):
-    split, bank = prepare.PreparedSplit(corpus, "train"), prepare.PreparedSplit(corpus, "noise")
-    idx = list(range(4))
-    lengths = [int(split.lengths[i]) for i in idx]
-    audio = torch.from_numpy(split.batch(idx, n_samples=max(lengths) + 1600)[0]).to(DEVICE)
-    for kind in dw.NOISE_KINDS:
-        for snr in (-5.0, 5.0, 20.0):
-            noisy = dw.NoiseMixer.fixed(kind, snr, bank=bank, pool=split)(audio, lengths, keys=idx, exclude=idx)
-            assert noisy.device.type == DEVICE.type
-            for b, n in enumerate(lengths):
-                assert abs(measured_snr(audio[b].cpu(), noisy[b].cpu(), n) - snr) < 0.5, (kind, snr, b)
-
-
 def test_float32_training_step_on_the_device_is_the_cpu_one(tmp_path, corpus, tiny_en_dir):
     """Clean audio (the noise generators differ by device): the first loss and the weights after
     two steps agree with the CPU's, TF32 matmuls allowing."""
@@ -169,8 +151,7 @@ def test_float32_training_step_on_the_device_is_the_cpu_one(tmp_path, corpus, ti
     assert gpu[0]["loss"] == pytest.approx(cpu[0]["loss"], rel=2e-3)
     start = load_file(model_dir / "model.safetensors")
     a, b = load_file(tmp_path / "cpu" / "latest" / "model.safetensors"), load_file(tmp_path / "dev" / "latest" / "model.safetensors")
-    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    moved = torch.cat([(a[k] - start[k]).abs().flatten() for k in a])
+    diff, moved = abs_diff(a, b), abs_diff(a, start)
     # Adam's step is about the learning rate (1e-3) times the gradient's sign, so an element whose
     # gradient is near 0 may go either way; every other one must agree
     print(f"weights after 2 steps, {DEVICE} against the CPU: mean difference {diff.mean():.2e}, mean step {moved.mean():.2e}")

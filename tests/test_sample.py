@@ -134,17 +134,23 @@ def test_multilingual_language_and_task_match_openai_whisper(random_multilingual
 # batching, long audio, dual gates
 
 
-def test_batched_windows_match_one_file_at_a_time(tiny_en, jfk_audio, long_audio):
-    """Files of different lengths decoded together (prompts of different lengths left-padded)
-    give what each gives alone."""
-    audios = [long_audio[: 35 * SR], jfk_audio[: 3 * SR], np.zeros(4 * SR, np.float32)]  # 2nd round: a prompt and none
-    alone = [dw.transcribe(tiny_en, a, temperature=0.0) for a in audios]
-    together = dict(dw.transcribe_many(tiny_en, audios, batch_size=2, temperature=0.0))
+def assert_batched_matches_alone(model, audios, batch_size):
+    """Decoded together, each file gives what it gives alone: text and segments. Returns those."""
+    alone = [dw.transcribe(model, a, temperature=0.0) for a in audios]
+    together = dict(dw.transcribe_many(model, audios, batch_size=batch_size, temperature=0.0))
     assert sorted(together) == list(range(len(audios)))
     for i, a in enumerate(alone):
         b = together[i]
         assert b["text"] == a["text"], i
         assert _segments(b) == _segments(a), i
+    return alone
+
+
+def test_batched_windows_match_one_file_at_a_time(tiny_en, jfk_audio, long_audio):
+    """Files of different lengths decoded together (prompts of different lengths left-padded)
+    give what each gives alone."""
+    audios = [long_audio[: 35 * SR], jfk_audio[: 3 * SR], np.zeros(4 * SR, np.float32)]  # 2nd round: a prompt and none
+    alone = assert_batched_matches_alone(tiny_en, audios, batch_size=2)
     assert alone[2]["text"] == "" and alone[1]["text"].strip().startswith("And so")
     assert len({s["seek"] for s in alone[0]["segments"]}) == 2
 

@@ -96,6 +96,11 @@ def train_main(flags):
     return train.main([str(f) for f in flags])
 
 
+def abs_diff(a, b):
+    """|a - b| over all tensors of two state dicts, flattened into one."""
+    return torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+
+
 def records(out_dir, event):
     out = []
     for line in (Path(out_dir) / "log.jsonl").read_text().splitlines():
@@ -128,17 +133,20 @@ def measured_snr(clean, noisy, n):
     return 10 * np.log10(float(clean[:n].double().pow(2).mean() / noise.pow(2).mean()))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("kind", dw.NOISE_KINDS)
-def test_noise_hits_the_requested_snr(kind, corpus):
+def test_noise_hits_the_requested_snr(kind, corpus, device):
+    """On the device that training mixes on (the noise is drawn there)."""
     val, bank = prepare.PreparedSplit(corpus, "train"), prepare.PreparedSplit(corpus, "noise")
     idx = list(range(4))
     lengths = [int(val.lengths[i]) for i in idx]
-    audio = torch.from_numpy(val.batch(idx, n_samples=max(lengths) + 1600)[0])  # (4, n), zero after each clip
+    audio = torch.from_numpy(val.batch(idx, n_samples=max(lengths) + 1600)[0]).to(device)  # (4, n), zero after each clip
     for snr in (-5.0, 0.0, 7.5, 20.0):
         mixer = dw.NoiseMixer.fixed(kind, snr, bank=bank, pool=val)
         noisy = mixer(audio, lengths, keys=idx, exclude=idx)
+        assert noisy.device == audio.device
         for b, n in enumerate(lengths):
-            assert abs(measured_snr(audio[b], noisy[b], n) - snr) < 0.5, (kind, snr, b)
+            assert abs(measured_snr(audio[b].cpu(), noisy[b].cpu(), n) - snr) < 0.5, (kind, snr, b)
             assert torch.equal(noisy[b, n:], audio[b, n:]), "the noise must stop where the clip ends"
     assert torch.equal(noisy, mixer(audio, lengths, keys=idx, exclude=idx)), "the same keys must give the same noise"
     assert not torch.equal(noisy, mixer(audio, lengths, keys=[k + 100 for k in idx], exclude=idx))
@@ -255,8 +263,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
     assert a.keys() == b.keys() == start.keys()
     # the same up to summation order, which Adam may amplify on the odd element whose gradient is near 0;
     # a different batch or loss scale would move every parameter by about the learning rate (1e-3) instead
-    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    moved = torch.cat([(a[k] - start[k]).abs().flatten() for k in a])
+    diff, moved = abs_diff(a, b), abs_diff(a, start)
     assert diff.max() < 1e-4 and diff.mean() < 1e-7, (diff.max(), diff.mean())
     assert moved.mean() > 1e-4, "training must have changed the parameters"
 
