@@ -12,6 +12,19 @@ import argparse
 import sys
 
 
+def parse_args(p, args):
+    """Parse a subcommand's arguments, with --tuned_allocator added to them."""
+    import dualwhisper as dw
+
+    p.add_argument("--tuned_allocator", action="store_true",
+                   help="glibc's malloc set as sample.py and train.py set it (dualwhisper.tune_cpu_allocator), for both "
+                        "implementations: they share this process")
+    a = p.parse_args(args)
+    if a.tuned_allocator and not dw.tune_cpu_allocator():
+        print("--tuned_allocator: not glibc's malloc, nothing changed")
+    return a
+
+
 def bench_transcribe(args):
     """Seconds to transcribe the same audio with the same weights, greedy at temperature 0, float32:
     sample.py's transcription (dualwhisper.transcribe_many) against openai-whisper, and against
@@ -42,7 +55,7 @@ def bench_transcribe(args):
     p.add_argument("--beam_size", type=int, default=None, help="beam search instead of greedy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_transformers", action="store_true", help="leave transformers out even where it is installed")
-    a = p.parse_args(args)
+    a = parse_args(p, args)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -105,7 +118,7 @@ def bench_transcribe(args):
         pass
 
     print(f"transcribe: {Path(a.model).name}, float32 on {device}, {torch.get_num_threads()} threads, "
-          f"{'beam %d' % a.beam_size if a.beam_size else 'greedy'}, temperature 0; best and median of {a.repeat}")
+          f"{'beam %d' % a.beam_size if a.beam_size else 'greedy'}, temperature 0, {'tuned' if a.tuned_allocator else 'default'} malloc; best and median of {a.repeat}")
     cases = [(f"one file ({Path(a.audio).name}, {len(audio) / dw.SAMPLE_RATE:.1f} s)", 0, audio),
              (f"{a.files} short files ({sum(map(len, clips)) / dw.SAMPLE_RATE:.0f} s in all)", 1, clips)]
     for title, which, x in cases:
@@ -157,7 +170,7 @@ def bench_train(args):
     p.add_argument("--plain", action="store_true", help="our model without the second cross-attention (the same computation as theirs)")
     p.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
                    help="whisper-small MFU and peak memory, random weights, batch 16 (default: on a GPU)")
-    a = p.parse_args(args)
+    a = parse_args(p, args)
     device = torch.device(a.device)
     dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     ptdtype = getattr(torch, dtype)
@@ -220,7 +233,7 @@ def bench_train(args):
             if s > 0:
                 times[name].append(time.perf_counter() - t0)
     print(f"training step of {a.model} on {a.data}, batch {a.batch_size} x 30 s, {dtype} on {device}"
-          f" ({torch.get_num_threads()} threads), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
+          f" ({torch.get_num_threads()} threads, {'tuned' if a.tuned_allocator else 'default'} malloc), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
     # throughput over all timed steps, and at the best and the median step: this shared 2-core
     # machine's speed drifts by 10-20% from one minute to the next, which the best step (as
     # timeit advises) shows least

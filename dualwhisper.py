@@ -8,9 +8,11 @@ state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` 
 """
 
 import copy
+import ctypes
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +21,30 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the process
+
+
+def tune_cpu_allocator():
+    """Have glibc's malloc serve blocks of up to 32 MB from its heap and keep what is freed.
+    torch allocates every activation afresh, and by default glibc maps each large block from the
+    kernel and returns it when freed, so each of the next one's 4 KB pages faults on first touch:
+    about 25,000 faults a transcription of jfk.flac with tiny.en, 40,000 an encoder window.
+    With this, none. On this project's 2-core CPU, in four alternating pairs of processes, a
+    transcription of jfk.flac took about 10% less time at the median (openai-whisper in such a
+    process: about 4%), and a training step of bench.py train about 6% less. The cost is memory
+    that stays with the process after use. sample.py and train.py call it at start; it changes the whole process, so
+    a library does not do it on import. Returns whether it took effect (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
 
 # -----------------------------------------------------------------------------
 # dimensions
@@ -413,6 +439,18 @@ def sinusoids(length, channels, max_timescale=10000):
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1).to(torch.get_default_device())
 
 
+def _attend(q, k, v, mask=None):
+    """Attention of queries q (B, H, T, D) to keys and values (W, H, S, D), where each window's
+    keys are shared by B // W consecutive rows (beams), which then attend as one longer query.
+    mask: None, "causal", or a boolean mask (True where a query may look)."""
+    B, H, T, D = q.shape
+    if k.shape[0] < B:
+        G = B // k.shape[0]
+        q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
+        return F.scaled_dot_product_attention(q, k, v).view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal")
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention (xa=None) or cross-attention over audio features xa. The key projection has
     no bias, as in Whisper."""
@@ -475,12 +513,11 @@ class MultiHeadAttention(nn.Module):
             else:  # query i sits at position offset + i and may see keys up to there
                 i = torch.arange(T, device=x.device)[:, None] + offset
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
-        if weights is None and k.shape[0] < B:  # groups of rows share a window (beams): one longer query each
-            G, H, D = B // k.shape[0], q.shape[1], q.shape[3]
-            q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
-            y = F.scaled_dot_product_attention(q, k, v).view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
+        if weights is None and isinstance(k, list):  # windows in pieces of a KVCache's tensors (KVCache.cross)
+            G = B // sum(len(piece) for piece in k)
+            y = torch.cat([_attend(qi, ki, vi) for qi, ki, vi in zip(q.split([len(piece) * G for piece in k]), k, v)])
         elif weights is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal")
+            y = _attend(q, k, v, mask)
         else:
             att = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
             if mask is not None:
@@ -669,7 +706,12 @@ class TextDecoder(nn.Module):
 class KVCache:
     """The decoder's explicit cache for one batch of audio windows: per layer, self-attention keys
     and values in preallocated (B, H, n_ctx, D) tensors written at their positions, and the
-    cross-attention keys and values of both branches, computed once from the audio features."""
+    cross-attention keys and values of both branches, computed once from the audio features.
+
+    The cross-attention tensors are never copied once made (a fresh copy of 16 windows' costs
+    about 40 ms a layer on a CPU, most of it faulting in new memory): a cache for some of the
+    windows (`rows`; rows that finish leaving a batch, `reorder`) keeps the list of its windows
+    and attends to them through views, one per run of adjacent windows (`cross`)."""
 
     def __init__(self, model, audio_features, n_ctx=None):
         dec = model.decoder
@@ -677,17 +719,44 @@ class KVCache:
         B, _, C = audio_features.shape
         H = model.dims.n_text_head
         self.dtype = audio_features.dtype
-        self.cross = [block.cross_kv(audio_features) for block in dec.blocks]
+        self.full = [block.cross_kv(audio_features) for block in dec.blocks]  # per layer, per branch: (k, v) of all windows
+        self.windows = list(range(B))  # the window in `full` of each group of rows
+        self.cross = self.full
         shape = (B, H, n_ctx, C // H)
         self.self_kv = [(audio_features.new_zeros(shape), audio_features.new_zeros(shape)) for _ in dec.blocks]
         self.pad = None  # (B,) left padding slots per row, when rows hold prompts of different lengths
 
+    def _select(self, windows):
+        """Point `cross` at `windows` of `full`: per layer and branch, (k, v) as views of `full`,
+        or lists of views (one per run of adjacent windows) that attention takes piece by piece."""
+        self.windows = list(windows)
+        runs = []  # [start, length]
+        for w in self.windows:
+            if runs and runs[-1][0] + runs[-1][1] == w:
+                runs[-1][1] += 1
+            else:
+                runs.append([w, 1])
+
+        def view(t):
+            pieces = [t.narrow(0, a, n) for a, n in runs]
+            return pieces[0] if len(pieces) == 1 else pieces
+        self.cross = [[(view(k), view(v)) for k, v in kvs] for kvs in self.full]
+
     def reorder(self, index, cross=True):
-        """Keep batch rows `index` (beam search; finished rows leaving), self-attention and cross-attention alike; cross=False
-        leaves the cross-attention ones, which beams of one window share."""
-        self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
-        if cross:  # index_select, not k[index]: 5x faster on these 4-d tensors
-            self.cross = [[(k.index_select(0, index), v.index_select(0, index)) for k, v in kvs] for kvs in self.cross]
+        """Keep batch rows `index`: beams (cross=False: the windows stay, shared by their beams), or
+        finished rows leaving a batch of one row per window (cross=True, `index` ascending; the
+        rows move up in place, without new memory)."""
+        if not cross:
+            self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
+        else:
+            keep = index.tolist()
+            for k, v in self.self_kv:
+                for j, i in enumerate(keep):
+                    if i != j:
+                        k[j].copy_(k[i])
+                        v[j].copy_(v[i])
+            self.self_kv = [(k[:len(keep)], v[:len(keep)]) for k, v in self.self_kv]
+            self._select([self.windows[i] for i in keep])
         if self.pad is not None:
             self.pad = self.pad[index]
 
@@ -696,10 +765,9 @@ class KVCache:
         (beams or samples): the windows' cross-attention keys and values, computed once and shared
         by their rows, and empty self-attention slots for n_ctx positions."""
         new = copy.copy(self)
-        n = self.cross[0][0][0].shape[0]
-        index = torch.as_tensor(index, device=self.cross[0][0][0].device)
-        if not (len(index) == n and torch.equal(index, torch.arange(n, device=index.device))):
-            new.cross = [[(k.index_select(0, index), v.index_select(0, index)) for k, v in kvs] for kvs in self.cross]
+        index = [int(i) for i in index]
+        if index != list(range(len(self.windows))):
+            new._select([self.windows[i] for i in index])
         k = self.self_kv[0][0]
         shape = (len(index) * group, k.shape[1], n_ctx, k.shape[3])
         new.self_kv = [(k.new_zeros(shape), k.new_zeros(shape)) for _ in self.self_kv]
@@ -1569,7 +1637,7 @@ def _add_gates(model, base, rows, sequences, starts, results):
     every attention map)."""
     dev = base.self_kv[0][0].device
     for row, seq, start, r in zip(rows, sequences, starts, results):
-        if all(len(kv) == 1 for kv in base.cross):  # closed gates (official weights): no secondary branch
+        if all(len(kv) == 1 for kv in base.full):  # closed gates (official weights): no secondary branch
             r.gates = [0.0] * len(r.tokens)
             continue
         details = []

@@ -262,6 +262,7 @@ def load(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    dw.tune_cpu_allocator()
     options = decode_options(args)
     formats = list(WRITERS) if args.output_format == "all" else [args.output_format or "txt"] if args.output_format or args.output_dir else []
     out_dir = Path(args.output_dir or ".")

@@ -155,6 +155,52 @@ def test_batched_windows_match_one_file_at_a_time(tiny_en, jfk_audio, long_audio
     assert len({s["seek"] for s in alone[0]["segments"]}) == 2
 
 
+def test_windows_that_are_not_adjacent_decode_as_alone(tiny_en, jfk_audio, long_audio):
+    """A cache for windows 0 and 2 of three attends to views of the first cache's keys and values,
+    piece by piece (no copy), and a window that finishes first leaves the batch the same way:
+    each window's tokens and log-probability are what it gives alone."""
+    mels = torch.stack([dw.log_mel_spectrogram(a, padding=dw.N_SAMPLES)[:, :dw.N_FRAMES] for a in
+                        (jfk_audio, np.zeros(5 * SR, np.float32), long_audio[: 25 * SR], jfk_audio[3 * SR:])])
+    base = dw.KVCache(tiny_en, dw.encode_audio(tiny_en, mels), 1)
+    options = dw.DecodingOptions(temperature=0.0)
+    tokenizer = dw.get_tokenizer(tiny_en)
+    alone = [dw._decode(tiny_en, tokenizer, base, [i], options, ["en"])[0] for i in range(4)]
+    subset = base.rows([0, 2, 3], 1)
+    k = subset.cross[0][0][0]
+    assert isinstance(k, list) and [len(p) for p in k] == [1, 2] and k[0].data_ptr() == base.full[0][0][0].data_ptr()
+    together = dw._decode(tiny_en, tokenizer, base, [0, 1, 2, 3], options, ["en"] * 4)  # window 1 (silence) ends first
+    picked = dw._decode(tiny_en, tokenizer, base, [0, 2, 3], options, ["en"] * 3)
+    for got, rows in ((together, [0, 1, 2, 3]), (picked, [0, 2, 3])):
+        for r, i in zip(got, rows):
+            assert r.tokens == alone[i].tokens, i
+            assert math.isclose(r.avg_logprob, alone[i].avg_logprob, rel_tol=1e-5), i
+    assert len(together[1].tokens) < min(len(together[i].tokens) for i in (0, 2, 3))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_tuned_allocator_stops_page_faults(tiny_en_dir, jfk_path):
+    """sample.py's allocator setting: after the first, transcriptions of jfk.flac fault in (almost)
+    no new pages, where glibc's default faults in thousands each (7,000 to 42,000 seen here)."""
+    script = f"""
+import resource, sys
+import dualwhisper as dw
+tuned = sys.argv[1] == "tuned"
+assert dw.tune_cpu_allocator() if tuned else True
+model, audio = dw.load_model({str(tiny_en_dir)!r}), dw.load_audio({str(jfk_path)!r})
+dw.transcribe(model, audio)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    dw.transcribe(model, audio)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {}
+    for mode in ("default", "tuned"):
+        run = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        faults[mode] = int(run.stdout.split()[-1])
+    assert faults["default"] > 5000 and faults["tuned"] * 5 < faults["default"], faults
+
+
 def test_long_log_mel_in_chunks_is_the_same(long_audio):
     whole = dw.log_mel_spectrogram(long_audio, padding=dw.N_SAMPLES)
     chunked = dw.padded_log_mel(long_audio, chunk_frames=1234)
