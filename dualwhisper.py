@@ -622,8 +622,8 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel):
         """mel: (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
-        if mel.device.type == "cpu" and mel.shape[0] > 1:  # one window at a time on a CPU: its activations
-            return torch.cat([self(m[None]) for m in mel])  # stay in cache (16 at once: 1.4x slower a window)
+        if mel.device.type == "cpu" and mel.shape[0] > 1:
+            return self.windows_on_cores(mel)
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x))
         x = x.permute(0, 2, 1).contiguous()  # (B, T, C) in that order in memory, or every later op copies
@@ -636,6 +636,50 @@ class AudioEncoder(nn.Module):
             else:
                 x = block(x)
         return self.ln_post(x)
+
+    def windows_on_cores(self, mel):
+        """The encoder of several windows on a CPU: one window at a time, so that its activations
+        stay in cache (16 at once: 1.4x slower a window); and where nothing needs gradients or
+        autocast (inference, a frozen encoder), the windows shared among threads with one core
+        each, since one window's attention uses two cores poorly (1.55x one core's speed). The
+        numbers are the same either way. For 8 windows on this project's 2-core CPU: 2.94 s
+        against 3.16 s at the median of 10 interleaved runs."""
+        threads = torch.get_num_threads()
+        n = min(threads, mel.shape[0])
+        busy = torch.is_grad_enabled() and (mel.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if n < 2 or busy or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return torch.cat([self(m[None]) for m in mel])
+
+        def run(part):  # a new thread starts with gradients on: not wanted here
+            with torch.no_grad():
+                return torch.cat([self(m[None]) for m in part])
+        torch.set_num_threads(1)  # the threads take it from here (the count is per process for MKL)
+        try:
+            return torch.cat(list(_thread_pool(n).map(run, mel.tensor_split(n))))
+        finally:
+            torch.set_num_threads(threads)
+
+
+_POOL = None
+
+
+def _thread_pool(n):
+    """A pool of n threads for work split by core, kept for the process's life (a forked child,
+    which has none of its threads, starts a new one)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers != n:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(n, thread_name_prefix="dualwhisper")
+    return _POOL
+
+
+def _forget_pool():
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 class TextDecoder(nn.Module):

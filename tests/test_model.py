@@ -127,6 +127,22 @@ OFFICIAL = {
 }
 
 
+def test_encoder_windows_on_cores_give_each_window_alone(tiny_en, jfk_mel, monkeypatch):
+    """Several windows on a CPU: in threads of one core each where nothing needs gradients, one by
+    one where the encoder trains; the same numbers as each window alone, and the thread count kept."""
+    mel = torch.cat([jfk_mel, jfk_mel.flip(-1), jfk_mel * 0.5])
+    threads, pools = torch.get_num_threads(), []
+    pool = dw._thread_pool
+    monkeypatch.setattr(dw, "_thread_pool", lambda n: pools.append(n) or pool(n))
+    with torch.no_grad():
+        alone = torch.cat([tiny_en.encoder(m[None]) for m in mel])
+        together = tiny_en.encoder(mel)
+    assert torch.equal(together, alone) and torch.get_num_threads() == threads
+    assert pools == ([min(threads, 3)] if threads > 1 else [])
+    out = tiny_en.encoder(mel[:2])  # gradients wanted: the windows in turn, in the graph
+    assert out.requires_grad and torch.equal(out.detach(), alone[:2]) and len(pools) == (threads > 1)
+
+
 def test_folded_cross_attention_matches_keys_and_values():
     """Training on fewer tokens than a head's dimensions folds the key and value projections into
     the queries and the output: the same outputs and gradients as projecting the audio."""
