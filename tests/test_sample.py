@@ -156,9 +156,9 @@ def test_batched_windows_match_one_file_at_a_time(tiny_en, jfk_audio, long_audio
 
 
 def test_windows_that_are_not_adjacent_decode_as_alone(tiny_en, jfk_audio, long_audio):
-    """A cache for windows 0 and 2 of three attends to views of the first cache's keys and values,
-    piece by piece (no copy), and a window that finishes first leaves the batch the same way:
-    each window's tokens and log-probability are what it gives alone."""
+    """A cache for windows 0, 2 and 3 of four attends to views of the first cache's keys and
+    values, piece by piece (no copy), and a window that finishes first (silence) leaves a batch the
+    same way: each window's tokens and log-probability are what it gives alone."""
     mels = torch.stack([dw.log_mel_spectrogram(a, padding=dw.N_SAMPLES)[:, :dw.N_FRAMES] for a in
                         (jfk_audio, np.zeros(5 * SR, np.float32), long_audio[: 25 * SR], jfk_audio[3 * SR:])])
     base = dw.KVCache(tiny_en, dw.encode_audio(tiny_en, mels), 1)
