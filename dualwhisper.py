@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 def tune_cpu_allocator():
     """Have glibc's malloc serve blocks of up to 32 MB from its heap and keep what is freed.
-    torch allocates every activation afresh, and by default glibc maps each large block from the
-    kernel and returns it when freed, so each of the next one's 4 KB pages faults on first touch:
-    about 25,000 faults a transcription of jfk.flac with tiny.en, 40,000 an encoder window.
-    With this, none. On this project's 2-core CPU, in four alternating pairs of processes, a
+    torch allocates every activation afresh, and by default glibc maps many large blocks from the
+    kernel and returns them when freed, so each 4 KB page of the next one faults on first touch:
+    1,700 to 63,000 faults a transcription of jfk.flac with tiny.en, as the heap's history
+    goes. With this, 0 to 3,400 after the first. On this project's 2-core CPU, in four alternating pairs of processes, a
     transcription of jfk.flac took about 10% less time at the median (openai-whisper in such a
     process: about 4%), and a training step of bench.py train about 6% less. The cost is memory
     that stays with the process after use. sample.py and train.py call it at start; as it
@@ -661,26 +661,17 @@ class AudioEncoder(nn.Module):
             torch.set_num_threads(threads)
 
 
-_POOL = None
+_POOLS = {}  # thread count -> pool
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the pools' threads
 
 
 def _thread_pool(n):
-    """A pool of n threads for work split by core, kept for the process's life (a forked child,
-    which has none of its threads, starts a new one)."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers != n:
+    """A pool of n threads for work split by core, kept for the process's life."""
+    if n not in _POOLS:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(n, thread_name_prefix="dualwhisper")
-    return _POOL
-
-
-def _forget_pool():
-    global _POOL
-    _POOL = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="dualwhisper")
+    return _POOLS[n]
 
 
 class TextDecoder(nn.Module):
