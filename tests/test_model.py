@@ -180,6 +180,31 @@ def test_tied_embedding_gradient_is_the_dense_one():
     assert tied[tokens.flatten()].abs().sum() > 0
 
 
+def test_loss_from_the_target_positions_only_is_the_full_one():
+    """The training loss projects only the positions with a target: the same loss, mean and sum,
+    and the same gradients as the cross-entropy of all positions' logits with -100 ignored."""
+    torch.manual_seed(0)
+    dims = dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
+                              n_vocab=300, n_text_ctx=32, n_text_state=64, n_text_head=2, n_text_layer=2)
+    model = dw.Whisper(dims)
+    torch.nn.init.normal_(model.decoder.blocks[0].gate.weight)  # both branches in play
+    mel, tokens = torch.randn(2, 80, 3000), torch.randint(0, 300, (2, 7))
+    targets = torch.randint(0, 300, (2, 7))
+    targets[:, 0] = -100  # the prompt
+    targets[1, 4:] = -100  # padding
+    for reduction in ("mean", "sum"):
+        model.zero_grad()
+        loss = model(mel, tokens, targets, reduction=reduction)
+        loss.backward()
+        mine = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        full = torch.nn.functional.cross_entropy(model(mel, tokens).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+        full.backward()
+        assert abs(loss.item() - full.item()) <= 1e-6 * abs(full.item())
+        for n, p in model.named_parameters():
+            assert (mine[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-12, n
+
+
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_every_official_size_builds_and_maps_key_for_key(name):
     transformers = need("transformers")
