@@ -427,8 +427,9 @@ class Linear(nn.Linear):
         if w.dtype != x.dtype:  # a no-op .to() still costs a decoding step's hundreds of calls 10 us each
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
         n = torch.get_num_threads()
-        if x.device.type == "cpu" and n > 1 and x.numel() == x.shape[-1] and w.shape[0] % n == 0 and not torch.is_grad_enabled():
-            # a decoding step's one row on a CPU: one product per core, each with its share of the
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and n > 1 and x.numel() == x.shape[-1]
+                and w.shape[0] % n == 0 and not torch.is_grad_enabled()):
+            # a decoding step's one row on a CPU, in float32: one product per core, each with its share of the
             # outputs, since the BLAS gives such a small product one core, and reading the weight
             # from memory is all its cost (a decoding step 10 to 13% faster; the same numbers,
             # which for several rows they are not)
