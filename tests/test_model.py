@@ -180,6 +180,30 @@ def test_tied_embedding_gradient_is_the_dense_one():
     assert tied[tokens.flatten()].abs().sum() > 0
 
 
+def test_half_precision_embedding_product_only_where_it_is_exact(tiny_en):
+    """Decoding on a CPU projects with fbgemm's product of the embedding stored in float16 only
+    when every value of it is a float16 number (official weights are): then the logits are the
+    float32 ones up to the order of the sums. A weight that is not, or that changes, is noticed."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm on this CPU")
+    model = copy.deepcopy(tiny_en)
+    dec = model.decoder
+    x = torch.randn(3, 384)
+    with torch.no_grad():
+        float32 = x @ dec.token_embedding.weight.t()
+        assert len(dec.half_embedding()) == 4  # 51,864 tokens in slices of 16,384
+        assert (dec.project(x) - float32).abs().max() <= 1e-5 * float32.abs().max()
+        dec.token_embedding.weight[5, 7] += 1e-4  # no longer a float16 number, and a new version
+        assert dec.half_embedding() == []
+        fallback = dec.project(x)
+        assert torch.equal(fallback.argmax(-1), (x @ dec.token_embedding.weight.t()).argmax(-1))
+        dec.token_embedding.weight[5, 7] = 0.5  # exact again
+        assert len(dec.half_embedding()) == 4
+        assert torch.allclose(dec.project(x), x @ dec.token_embedding.weight.t(), rtol=0, atol=1e-5 * float32.abs().max())
+    with torch.enable_grad():  # training: the float32 product, with autograd
+        assert dec.project(x).requires_grad
+
+
 def test_loss_from_the_target_positions_only_is_the_full_one():
     """The training loss projects only the positions with a target: the same loss, mean and sum,
     and the same gradients as the cross-entropy of all positions' logits with -100 ignored."""
