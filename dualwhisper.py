@@ -769,21 +769,27 @@ class TextDecoder(nn.Module):
         from half the bytes. A decoding step on a CPU reads the whole embedding, which is most of
         its memory traffic: tiny.en's logits take 2.5 ms a step instead of 6 to 9. Checked and
         packed once per version of the weight, in threads (a slice packs 3x faster than the whole):
-        about 0.26 s for tiny.en on 2 cores."""
-        w = self.token_embedding.weight
+        about 0.26 s for tiny.en on 2 cores.
+
+        The copy is keyed on the weight's storage and version, and on 64 of its values spread
+        over it: a fused optimiser step (torch's fused AdamW) changes every value without bumping
+        the version, and a stale copy would then give the logits of the weights before it."""
+        w = self.token_embedding.weight.detach()
         try:
-            key = (w.data_ptr(), w._version)
+            version = w._version
         except RuntimeError:  # an inference tensor has no version counter, and cannot change outside inference mode
-            key = (w.data_ptr(), None)
-        if self.__dict__.get("_half_key") != key:
+            version = None
+        sample = w.reshape(-1)[::max(1, w.numel() // 64)]
+        key, cached = (w.data_ptr(), version), self.__dict__.get("_half_key")
+        if cached is None or cached[0] != key or not torch.equal(cached[1], sample):
             packed = []
-            if w.device.type == "cpu" and w.dtype == torch.float32 and torch.equal(w.detach().half().float(), w.detach()):
+            if w.device.type == "cpu" and w.dtype == torch.float32 and torch.equal(w.half().float(), w):
                 pack = lambda s: torch.ops.quantized.linear_prepack_fp16(s, None)
                 try:
-                    packed = list(_thread_pool(torch.get_num_threads()).map(pack, w.detach().split(16384)))
+                    packed = list(_thread_pool(torch.get_num_threads()).map(pack, w.split(16384)))
                 except (RuntimeError, AttributeError):  # no fbgemm: no half-precision product
                     packed = []
-            self._half_key, self._half = key, packed
+            self._half_key, self._half = (key, sample.clone()), packed
         return self._half
 
 

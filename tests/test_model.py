@@ -202,6 +202,14 @@ def test_half_precision_embedding_product_only_where_it_is_exact(tiny_en):
         assert torch.allclose(dec.project(x), x @ dec.token_embedding.weight.t(), rtol=0, atol=1e-5 * float32.abs().max())
     with torch.enable_grad():  # training: the float32 product, with autograd
         assert dec.project(x).requires_grad
+    # a fused AdamW step changes every value without bumping the weight's version: no stale copy
+    weight = dec.token_embedding.weight
+    optimizer = torch.optim.AdamW([weight], lr=1e-3, fused=True)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()  # (torch 2.13 leaves weight._version as it was)
+    with torch.no_grad():
+        after = x @ weight.t()
+        assert (dec.project(x) - after).abs().max() <= 1e-5 * after.abs().max()
 
 
 def test_loss_from_the_target_positions_only_is_the_full_one():
