@@ -264,7 +264,7 @@ def train_flops_per_sample(dims, n_tokens, dual=True):
     return 3 * (enc + dec)
 
 
-def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, compile=None, profile=False):
+def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, compile=None, profile=False, mode=None):
     """whisper-small (random weights, dual; or `dims`), all parts trained, as train.py runs it on a
     GPU (bfloat16 autocast, compiled; float32 and eager elsewhere): samples/s, model FLOPs
     utilisation and peak memory."""
@@ -281,7 +281,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, comp
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bfloat16 is ~100x slower on CPUs
     model = dw.Whisper(dims).to(device).train()
-    compiled = torch.compile(model) if (cuda if compile is None else compile) else model
+    compiled = torch.compile(model, mode=mode) if (cuda if compile is None else compile) else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type in train.FUSED_ADAMW_DEVICES)
     mel = torch.randn(batch_size, 80, 3000, device=device)
     x = torch.randint(0, 50000, (batch_size, n_tokens), device=device)
@@ -308,7 +308,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, comp
     flops = train_flops_per_sample(dims, n_tokens) * rate
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-    what = f"{'whisper-small' if dims.n_audio_state == 768 else 'model'} dual, {'bf16' if cuda else 'fp32'}, batch {batch_size}"
+    what = f"{'whisper-small' if dims.n_audio_state == 768 else 'model'} dual, {'bf16' if cuda else 'fp32'}, batch {batch_size}, {mode or 'default'} compile"
     print(f"RESULT {what} x ({n_tokens} tokens), {name}: {rate:.1f} samples/s, {flops / 1e12:.3g} TFLOP/s"
           + (f" = {100 * flops / peak:.0f}% MFU (original: about 12% on an A100)" if peak else ""))
     if cuda:
@@ -512,11 +512,12 @@ def bench_mfu(args):
     p.add_argument("--tokens", type=int, default=64, help="decoder tokens per clip")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on a GPU")
+    p.add_argument("--mode", default=None, help="torch.compile's mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--profile", action="store_true", help="then profile 3 steps: device time by kind of kernel")
     a = p.parse_args(args)
     for batch_size in a.batch_size:
-        bench_train_mfu(torch.device(a.device), batch_size, a.tokens, a.steps, compile=a.compile, profile=a.profile)
+        bench_train_mfu(torch.device(a.device), batch_size, a.tokens, a.steps, compile=a.compile, profile=a.profile, mode=a.mode)
 
 
 BENCHMARKS = {"transcribe": bench_transcribe, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu}

@@ -426,13 +426,14 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-        n = torch.get_num_threads()
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and n > 1 and x.numel() == x.shape[-1]
-                and w.shape[0] % n == 0 and not torch.is_grad_enabled()):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0):
             # a decoding step's one row on a CPU, in float32: one product per core, each with its share of the
             # outputs, since the BLAS gives such a small product one core, and reading the weight
             # from memory is all its cost (a decoding step 10 to 13% faster; the same numbers,
-            # which for several rows they are not)
+            # which for several rows they are not). Never while compiling: torch.get_num_threads
+            # breaks the graph, and each Linear's shapes then compile on their own (GPU training
+            # at a seventh of its speed)
             rows = x.reshape(1, 1, x.shape[-1]).expand(n, -1, -1)
             y = torch.bmm(rows, w.view(n, -1, w.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
             return y if b is None else y + b
@@ -664,10 +665,12 @@ class AudioEncoder(nn.Module):
         each, since one window's attention uses two cores poorly (1.55x one core's speed). The
         numbers are the same either way. For 8 windows on this project's 2-core CPU: 2.94 s
         against 3.16 s at the median of 10 interleaved runs."""
+        if torch.compiler.is_compiling():  # torch.get_num_threads would break the graph
+            return torch.cat([self(m[None]) for m in mel])
         threads = torch.get_num_threads()
         n = min(threads, mel.shape[0])
         busy = torch.is_grad_enabled() and (mel.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if n < 2 or busy or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        if n < 2 or busy or torch.is_autocast_enabled("cpu"):
             return torch.cat([self(m[None]) for m in mel])
 
         def run(part):  # a new thread starts with gradients on: not wanted here
