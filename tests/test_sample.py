@@ -220,6 +220,20 @@ def test_open_gates_are_reported_per_segment(tiny_en, jfk_audio):
     assert result["segments"] and all(math.isclose(s["gate"], math.tanh(0.3), rel_tol=1e-5) for s in result["segments"])
 
 
+def test_compiled_decoding_step_has_no_graph_break(tiny_en, jfk_audio):
+    """sample.py --compile compiles the decoder's step. Traced by dynamo alone (backend "eager", no
+    code generated, a few seconds), it must be one graph that gives the same text: a graph break
+    (Linear once asked for the thread count) leaves pieces compiled one by one."""
+    from torch._dynamo.utils import counters
+
+    model = copy.deepcopy(tiny_en)
+    model.decoder.hidden = torch.compile(model.decoder.hidden, dynamic=True, backend="eager")
+    counters.clear()
+    text = dw.transcribe(model, jfk_audio, temperature=0.0)["text"]
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
+    assert text == dw.transcribe(tiny_en, jfk_audio, temperature=0.0)["text"]
+
+
 def test_options_are_checked():
     for bad in [dict(best_of=2), dict(patience=2.0), dict(beam_size=2, best_of=2), dict(length_penalty=2.0), dict(task="summarise")]:
         with pytest.raises(ValueError):
