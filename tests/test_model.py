@@ -212,6 +212,44 @@ def test_half_precision_embedding_product_only_where_it_is_exact(tiny_en):
         assert (dec.project(x) - after).abs().max() <= 1e-5 * after.abs().max()
 
 
+def test_half_precision_linears_only_while_decoding(tiny_en, jfk_audio, monkeypatch):
+    """Decoding on a CPU multiplies each step's one row by half-precision copies of the decoder's
+    linear layers (official weights are all float16 numbers); every such product is checked here
+    against the float32 one of the layer's current weights, also after a fused AdamW step, which
+    changes a bias without bumping its version, and after the bias is replaced. Outside a decode the layers have no copy, and the
+    text is the float32 decode's."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm on this CPU")
+    model = copy.deepcopy(tiny_en)
+    layer = model.decoder.blocks[1].mlp[0]
+    seen = []
+
+    def check(module, inputs, output):
+        x = inputs[0]
+        if x.numel() == x.shape[-1]:
+            seen.append(bool(module.half))
+            expected = torch.nn.functional.linear(x, module.weight, module.bias)
+            assert (output - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    layer.register_forward_hook(check)
+    mel = dw.log_mel_spectrogram(dw.pad_or_trim(jfk_audio))
+    half = dw.decode(model, mel, temperature=0.0)
+    assert seen and all(seen) and layer.half is None
+    optimizer = torch.optim.AdamW([layer.bias], lr=1e-2, fused=True)
+    layer.bias.grad = torch.randn_like(layer.bias)
+    optimizer.step()  # (leaves the bias's version as it was)
+    seen.clear()
+    dw.decode(model, mel, temperature=0.0)
+    assert seen and all(seen)
+    layer.bias = torch.nn.Parameter(layer.bias.detach() + 0.01)  # a new bias for the same weight
+    seen.clear()
+    dw.decode(model, mel, temperature=0.0)
+    assert seen and all(seen)
+    monkeypatch.setattr(dw, "_half_copy", lambda *args, **kwargs: [])  # the float32 products throughout
+    float32 = dw.decode(tiny_en, mel, temperature=0.0)
+    assert half.tokens == float32.tokens and half.avg_logprob == pytest.approx(float32.avg_logprob, abs=1e-5)
+
+
 def test_loss_from_the_target_positions_only_is_the_full_one():
     """The training loss projects only the positions with a target: the same loss, mean and sum,
     and the same gradients as the cross-entropy of all positions' logits with -100 ignored."""
