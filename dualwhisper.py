@@ -14,8 +14,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
-import functools
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 
 import numpy as np
@@ -1595,7 +1594,7 @@ def _half_precision_linears(decode):
     decode (a decode's weights do not change); outside a decode, never. Decoding jfk.flac: 258 ms
     against 289 ms at the best of 20 interleaved runs, 290 against 319 at the median; tiny.en's
     copies take about 90 ms to make, once."""
-    @functools.wraps(decode)
+    @wraps(decode)
     def run(model, *args, **kwargs):
         linears = [m for m in model.decoder.modules() if isinstance(m, Linear)]
         for m in linears:
