@@ -216,8 +216,8 @@ def test_half_precision_linears_only_while_decoding(tiny_en, jfk_audio, monkeypa
     """Decoding on a CPU multiplies each step's one row by half-precision copies of the decoder's
     linear layers (official weights are all float16 numbers); every such product is checked here
     against the float32 one of the layer's current weights, also after a fused AdamW step, which
-    changes a bias without bumping its version, and after the bias is replaced. Outside a decode the layers have no copy, and the
-    text is the float32 decode's."""
+    changes a bias without bumping its version, and after the bias is replaced. Outside a decode
+    the layers have no copy, and the text is the float32 decode's."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("no fbgemm on this CPU")
     model = copy.deepcopy(tiny_en)
