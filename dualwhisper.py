@@ -422,17 +422,17 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Linear(nn.Linear):
-    half = None  # decoding on a CPU (_half_precision_linears): True, then this layer's half-precision copy ([] if none)
+    half_copy = None  # while decoding on a CPU (_half_precision_products): True, then this layer's half-precision copy ([] if none)
 
     def forward(self, x):
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-        if self.half is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-            if self.half is True:  # this decode's first one-row product: the copy, made or checked once
-                self.half = _half_copy(self, self.weight, self.bias)
-            if self.half:  # a decoding step's one row: from the half-precision copy, half the bytes to read
-                return torch.ops.quantized.linear_dynamic_fp16(x, self.half[0])
+        if self.half_copy is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            if self.half_copy is True:  # this decode's first one-row product: the copy, made or checked once
+                self.half_copy = _half_copy(self, self.weight, self.bias)
+            if self.half_copy:  # a decoding step's one row: from the half-precision copy, half the bytes to read
+                return torch.ops.quantized.linear_dynamic_fp16(x, self.half_copy[0])
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0):
             # a decoding step's one row on a CPU, in float32: one product per core, each with its share of the
@@ -704,6 +704,8 @@ def _thread_pool(n):
 
 
 class TextDecoder(nn.Module):
+    half_products = False  # while decoding on a CPU (_half_precision_products): project with the embedding's half-precision copy
+
     def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual):
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state, _weight=torch.empty(n_vocab, n_state))  # initialised below
@@ -751,7 +753,8 @@ class TextDecoder(nn.Module):
 
     def project(self, x):
         """Float32 logits (..., n_vocab) of final states x (..., C): the output is tied to the embedding."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (self.half_products and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             packed = self.half_embedding()
             if packed:
                 return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=-1)
@@ -1588,27 +1591,35 @@ def _timestamp_rules(logits, sampled, tokenizer, max_initial):
     logits[:, :tb].masked_fill_(prefer_ts[:, None], -math.inf)
 
 
-def _half_precision_linears(decode):
-    """Decoding on a CPU in float32: the decoder's linear layers multiply one row by their
-    half-precision copies (`_half_copy`), looked up at a layer's first one-row product of each
-    decode (a decode's weights do not change); outside a decode, never. Decoding jfk.flac: 258 ms
-    against 289 ms at the best of 20 interleaved runs, 290 against 319 at the median; tiny.en's
-    copies take about 90 ms to make, once."""
+def _half_precision_products(decode):
+    """Decoding on a CPU in float32, from a model's second decode in a process on: the output
+    product reads the embedding's half-precision copy (`TextDecoder.half_embedding`), and the
+    decoder's linear layers multiply a step's one row by theirs, looked up at a layer's first
+    one-row product of each decode (a decode does not change the weights); outside a decode,
+    never. Decoding jfk.flac with the layers' copies: 258 ms against 289 ms at the best of 20
+    interleaved runs, 290 against 319 at the median. Making tiny.en's copies takes about 0.35 s,
+    more than one short file's decode saves (a one-shot `python sample.py jfk.flac` was 0.1 to
+    0.5 s slower with them), so a model's first decode goes without."""
     @wraps(decode)
     def run(model, *args, **kwargs):
-        linears = [m for m in model.decoder.modules() if isinstance(m, Linear)]
+        dec = model.decoder
+        if not dec.__dict__.get("_decoded"):
+            dec._decoded = True
+            return decode(model, *args, **kwargs)
+        linears = [m for m in dec.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
         for m in linears:
-            if m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
-                m.half = True
+            m.half_copy = True
+        dec.half_products = True
         try:
             return decode(model, *args, **kwargs)
         finally:
+            dec.half_products = False
             for m in linears:
-                m.half = None
+                m.half_copy = None
     return run
 
 
-@_half_precision_linears
+@_half_precision_products
 @torch.inference_mode()
 def _decode(model, tokenizer, base, rows, options, languages, prompts=None, initial=None, gates=False):
     """Decode windows `rows` of `base`, a KVCache that holds the cross-attention keys and values of a

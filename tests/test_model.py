@@ -188,6 +188,7 @@ def test_half_precision_embedding_product_only_where_it_is_exact(tiny_en):
         pytest.skip("no fbgemm on this CPU")
     model = copy.deepcopy(tiny_en)
     dec = model.decoder
+    dec.half_products = True  # as while decoding
     x = torch.randn(3, 384)
     with torch.no_grad():
         float32 = x @ dec.token_embedding.weight.t()
@@ -213,28 +214,34 @@ def test_half_precision_embedding_product_only_where_it_is_exact(tiny_en):
 
 
 def test_half_precision_linears_only_while_decoding(tiny_en, jfk_audio, monkeypatch):
-    """Decoding on a CPU multiplies each step's one row by half-precision copies of the decoder's
-    linear layers (official weights are all float16 numbers); every such product is checked here
-    against the float32 one of the layer's current weights, also after a fused AdamW step, which
-    changes a bias without bumping its version, and after the bias is replaced. Outside a decode
-    the layers have no copy, and the text is the float32 decode's."""
+    """From a model's second decode on, decoding on a CPU multiplies each step's one row by
+    half-precision copies of the decoder's linear layers (official weights are all float16
+    numbers); every such product is checked here against the float32 one of the layer's current
+    weights, also after a fused AdamW step, which changes a bias without bumping its version, and
+    after the bias is replaced. A model's first decode, and anything outside a decode, has no
+    copy; the text is the float32 decode's."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("no fbgemm on this CPU")
     model = copy.deepcopy(tiny_en)
+    model.decoder._decoded = False  # as loaded
     layer = model.decoder.blocks[1].mlp[0]
     seen = []
 
     def check(module, inputs, output):
         x = inputs[0]
         if x.numel() == x.shape[-1]:
-            seen.append(bool(module.half))
+            seen.append(bool(module.half_copy))
             expected = torch.nn.functional.linear(x, module.weight, module.bias)
             assert (output - expected).abs().max() <= 1e-5 * expected.abs().max()
 
     layer.register_forward_hook(check)
     mel = dw.log_mel_spectrogram(dw.pad_or_trim(jfk_audio))
+    first = dw.decode(model, mel, temperature=0.0)
+    assert seen and not any(seen), "a model's first decode makes no copies"
+    seen.clear()
     half = dw.decode(model, mel, temperature=0.0)
-    assert seen and all(seen) and layer.half is None
+    assert seen and all(seen) and layer.half_copy is None and not model.decoder.half_products
+    assert half.tokens == first.tokens
     optimizer = torch.optim.AdamW([layer.bias], lr=1e-2, fused=True)
     layer.bias.grad = torch.randn_like(layer.bias)
     optimizer.step()  # (leaves the bias's version as it was)
