@@ -428,13 +428,13 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-        if self.half_copy is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.half_copy is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32:
             if self.half_copy is True:  # this decode's first one-row product: the copy, made or checked once
                 self.half_copy = _half_copy(self, self.weight, self.bias)
             if self.half_copy:  # a decoding step's one row: from the half-precision copy, half the bytes to read
                 return torch.ops.quantized.linear_dynamic_fp16(x, self.half_copy[0])
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0):
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
+                and not torch.is_grad_enabled() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0):
             # a decoding step's one row on a CPU, in float32: one product per core, each with its share of the
             # outputs, since the BLAS gives such a small product one core, and reading the weight
             # from memory is all its cost (a decoding step 10 to 13% faster; the same numbers,
