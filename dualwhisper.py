@@ -753,8 +753,8 @@ class TextDecoder(nn.Module):
 
     def project(self, x):
         """Float32 logits (..., n_vocab) of final states x (..., C): the output is tied to the embedding."""
-        if (self.half_products and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if (not torch.compiler.is_compiling() and self.half_products and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_grad_enabled()):
             packed = self.half_embedding()
             if packed:
                 return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=-1)
