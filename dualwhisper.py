@@ -428,22 +428,22 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
             w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-        if not torch.compiler.is_compiling() and self.half_copy is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+        # one row in float32 (a decoding step), never while compiling: torch.get_num_threads breaks
+        # the graph, and each Linear's shapes then compile on their own (GPU training at a seventh
+        # of its speed); nor may compilation read half_copy, or it recompiles when that changes
+        if not torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.dtype == torch.float32:
             if self.half_copy is True:  # this decode's first one-row product: the copy, made or checked once
                 self.half_copy = _half_copy(self, self.weight, self.bias)
-            if self.half_copy:  # a decoding step's one row: from the half-precision copy, half the bytes to read
+            if self.half_copy:  # from the half-precision copy: half the bytes to read
                 return torch.ops.quantized.linear_dynamic_fp16(x, self.half_copy[0])
-        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() == x.shape[-1]
-                and not torch.is_grad_enabled() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0):
-            # a decoding step's one row on a CPU, in float32: one product per core, each with its share of the
-            # outputs, since the BLAS gives such a small product one core, and reading the weight
-            # from memory is all its cost (a decoding step 10 to 13% faster; the same numbers,
-            # which for several rows they are not). Never while compiling: torch.get_num_threads
-            # breaks the graph, and each Linear's shapes then compile on their own (GPU training
-            # at a seventh of its speed)
-            rows = x.reshape(1, 1, x.shape[-1]).expand(n, -1, -1)
-            y = torch.bmm(rows, w.view(n, -1, w.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
-            return y if b is None else y + b
+            if x.device.type == "cpu" and not torch.is_grad_enabled() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0:
+                # on a CPU: one product per core, each with its share of the outputs, since the BLAS
+                # gives such a small product one core, and reading the weight from memory is all
+                # its cost (a decoding step 10 to 13% faster; the same numbers, which for several
+                # rows they are not)
+                rows = x.reshape(1, 1, x.shape[-1]).expand(n, -1, -1)
+                y = torch.bmm(rows, w.view(n, -1, w.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
+                return y if b is None else y + b
         return F.linear(x, w, b)
 
 
@@ -672,9 +672,7 @@ class AudioEncoder(nn.Module):
         each, since one window's attention uses two cores poorly (1.55x one core's speed). The
         numbers are the same either way. For 8 windows on this project's 2-core CPU: 2.94 s
         against 3.16 s at the median of 10 interleaved runs."""
-        if torch.compiler.is_compiling():  # torch.get_num_threads would break the graph
-            return torch.cat([self(m[None]) for m in mel])
-        threads = torch.get_num_threads()
+        threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()  # which would break the graph
         n = min(threads, mel.shape[0])
         busy = torch.is_grad_enabled() and (mel.requires_grad or any(p.requires_grad for p in self.parameters()))
         if n < 2 or busy or torch.is_autocast_enabled("cpu"):
