@@ -639,6 +639,7 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class AudioEncoder(nn.Module):
+    compact_front = None  # whether front() may cut a window's silent end: checked against the full convolutions at first use
     def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
         super().__init__()
         self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
@@ -652,8 +653,7 @@ class AudioEncoder(nn.Module):
         """mel: (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
         if mel.device.type == "cpu" and mel.shape[0] > 1:
             return self.windows_on_cores(mel)
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x))
+        x = self.front(mel)
         x = x.permute(0, 2, 1).contiguous()  # (B, T, C) in that order in memory, or every later op copies
         if x.shape[1] > self.positional_embedding.shape[0]:
             raise ValueError(f"audio of {x.shape[1]} positions is longer than the encoder's {self.positional_embedding.shape[0]}")
@@ -664,6 +664,36 @@ class AudioEncoder(nn.Module):
             else:
                 x = block(x)
         return self.ln_post(x)
+
+    def front(self, mel, margin=8, keep=512):
+        """The convolutions and their GELUs: (B, n_mels, 2 * n_ctx) -> (B, n_state, n_ctx).
+
+        A window that ends in silence (the padding of audio shorter than 30 s) has log-mel frames
+        that are all one value from some frame on, and every output column of the convolutions
+        whose inputs lie in that run is one and the same column. So on a CPU, for one window whose
+        run is long, the run is cut out of the input but for `margin` frames on each side (an even
+        count removed, for conv2's stride 2), the convolutions run on what is left, and the cut
+        columns are put back as copies of a column from inside the run: the same numbers, bit for
+        bit, at the cost of the clip's frames (at least `keep`) instead of 3,000: 7 ms instead of 42
+        a window of a 3-second clip on one core. oneDNN sums narrower inputs in another order (on
+        this project's CPU, under 384 frames), so the first such window of a process is also
+        computed in full and compared, and if any bit differs on this CPU the cut is not used."""
+        B, _, W = mel.shape
+        if (mel.device.type == "cpu" and B == 1 and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (mel.requires_grad or self.conv1.weight.requires_grad or self.conv2.weight.requires_grad))):
+            varies = (mel[0] != mel[0, :, -1:]).any(dim=0)  # (W,): frames that differ from the last one
+            run = W - (int(varies.nonzero().max()) + 1 if varies.any() else 0)  # length of the constant run at the end
+            start = (W - run + margin + 1) // 2 * 2  # the cut's first frame, even
+            cut = min(W - margin - start, W - keep) // 2 * 2  # oneDNN computes narrower inputs in another order
+            if cut >= 64 and AudioEncoder.compact_front is not False:
+                x = F.gelu(self.conv1(torch.cat([mel[..., :start], mel[..., start + cut:]], dim=-1)))
+                x = F.gelu(self.conv2(x))  # the full output but for its columns [start/2, (start+cut)/2)
+                at = start // 2  # column at - 1 reads frames of the run only, as do the cut ones
+                x = torch.cat([x[..., :at], x[..., at - 1:at].expand(-1, -1, cut // 2), x[..., at:]], dim=-1)
+                if AudioEncoder.compact_front is None:  # once a process: bit for bit on this CPU's kernels too?
+                    AudioEncoder.compact_front = torch.equal(x, F.gelu(self.conv2(F.gelu(self.conv1(mel)))))
+                return x
+        return F.gelu(self.conv2(F.gelu(self.conv1(mel))))
 
     def windows_on_cores(self, mel):
         """The encoder of several windows on a CPU: one window at a time, so that its activations
@@ -703,6 +733,7 @@ def _thread_pool(n):
 
 class TextDecoder(nn.Module):
     half_products = False  # while decoding on a CPU (_half_precision_products): project with the embedding's half-precision copy
+    _tied = None  # from hidden(tied=True) to project: the _TiedGradient of one forward
 
     def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual):
         super().__init__()
@@ -735,7 +766,12 @@ class TextDecoder(nn.Module):
             keys = torch.arange(offset + T, device=tokens.device)
             mask = (keys <= slots[:, None]) & ((keys >= cache.pad[:, None, None]) | (keys == slots[:, None]))  # (B, T, S)
             mask = mask[:, None]  # a padding slot sees only itself
-        x = F.embedding(tokens, self.token_embedding.weight, sparse=tied and not torch.compiler.is_compiling()) + pos
+        w = self.token_embedding.weight
+        if tied and _TiedGradient.applies(w):
+            self._tied = _TiedGradient(self.__dict__.setdefault("_tied_buffer", {}))
+            x = _TiedLookup.apply(w, tokens, self._tied) + pos
+        else:
+            x = F.embedding(tokens, w, sparse=tied and not torch.compiler.is_compiling()) + pos
         if xa is not None:
             x = x.to(xa.dtype)
         elif cache is not None:
@@ -756,21 +792,15 @@ class TextDecoder(nn.Module):
             packed = self.half_embedding()
             if packed:
                 return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=-1)
-        w = self.token_embedding.weight.to(x.dtype)
-        rows = x.reshape(-1, x.shape[-1])
-        (V, C), chunk = w.shape, 1024
-        n = V // chunk
-        if x.device.type != "cpu" or torch.is_grad_enabled() or rows.shape[0] > 256 or n < 2:
+        tied, w = self._tied, self.token_embedding.weight  # tied: the lookup's half of a tied gradient (hidden), if any
+        if tied is not None:  # (never under torch.compile, which would trace this assignment)
+            self._tied = None
+        if tied is not None and torch.is_grad_enabled() and x.dtype == w.dtype:
+            return _TiedProjection.apply(x.reshape(-1, x.shape[-1]), w, tied).view(*x.shape[:-1], len(w))
+        w = w.to(x.dtype)
+        if x.device.type != "cpu" or torch.is_grad_enabled():
             return (x @ w.t()).float()
-        # a decoding step on a CPU, a few rows: as a batch of products over 1024-token slices of
-        # the vocabulary, which streams the 80 MB weight (tiny.en) about twice as fast as one
-        # product does, for one row and for several
-        N = rows.shape[0]
-        out = torch.empty(N, V, dtype=x.dtype)
-        head = w[:n * chunk].view(n, chunk, C).transpose(1, 2)  # (n, C, chunk)
-        out[:, :n * chunk].view(N, n, chunk).copy_(torch.bmm(rows.expand(n, N, C), head).transpose(0, 1))
-        out[:, n * chunk:] = rows @ w[n * chunk:].t()
-        return out.float().view(*x.shape[:-1], V)
+        return _vocab_product(x.reshape(-1, x.shape[-1]), w).float().view(*x.shape[:-1], len(w))
 
     def half_embedding(self):
         """The embedding as fbgemm's half-precision copy (`_half_copy`), in slices of 16,384 tokens,
@@ -779,6 +809,91 @@ class TextDecoder(nn.Module):
         the weight, in threads (a slice packs 3x faster than the whole): about 0.26 s for tiny.en
         on 2 cores."""
         return _half_copy(self, self.token_embedding.weight, slices=16384)
+
+
+def _vocab_product(rows, w):
+    """rows (N, C) @ w.T on a CPU, w the (V, C) embedding: for a few rows, as a batch of products over
+    1024-token slices of the vocabulary, which streams the 80 MB weight (tiny.en) about twice as fast
+    as one product does, for one row and for several (81 rows: 35 ms against 80)."""
+    (V, C), chunk, N = w.shape, 1024, rows.shape[0]
+    n = V // chunk
+    if N > 256 or n < 2:
+        return rows @ w.t()
+    out = torch.empty(N, V, dtype=rows.dtype)
+    head = w[:n * chunk].view(n, chunk, C).transpose(1, 2)  # (n, C, chunk)
+    out[:, :n * chunk].view(N, n, chunk).copy_(torch.bmm(rows.expand(n, N, C), head).transpose(0, 1))
+    out[:, n * chunk:] = rows @ w[n * chunk:].t()
+    return out
+
+
+class _TiedGradient:
+    """The tied embedding's gradient in training on a CPU, made whole in one tensor. The output
+    projection's backward (_TiedProjection) leaves its dense (V, C) gradient here, and the lookup's
+    backward (_TiedLookup), which autograd runs after it, adds its few rows in place and hands the
+    sum to the weight: one gradient reaches it. As two (a dense one and the lookup's sparse one),
+    autograd summed them into a third 80 MB tensor (tiny.en), 37 ms a step, most of it faulting
+    in fresh pages. The dense gradient is written into a buffer kept from step to step when no
+    one holds it any more (the optimiser's zero_grad has let go of it): a fresh 80 MB took 79 ms
+    to fill, a warm one 35 ms."""
+
+    def __init__(self, buffers):
+        self.buffers, self.grad = buffers, None
+
+    @staticmethod
+    def applies(w):
+        return (w.requires_grad and torch.is_grad_enabled() and w.device.type == "cpu" and w.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+    def buffer(self, w):
+        """The kept buffer for w's gradient if no tensor but it uses its memory, else a new one."""
+        buf, users = self.buffers.get("grad", (None, None))
+        if buf is None or buf.shape != w.shape or _storage_users(buf) != users:
+            buf = torch.empty_like(w, memory_format=torch.contiguous_format)
+            self.buffers["grad"] = (buf, _storage_users(buf))
+        return buf
+
+
+def _storage_users(t):
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):  # not in this torch: never reuse
+        return object()
+
+
+class _TiedProjection(torch.autograd.Function):
+    """Logits rows (N, C) @ w.T of the tied weight w, float32 on a CPU; w's gradient goes to the
+    _TiedGradient, not to w."""
+
+    @staticmethod
+    def forward(ctx, rows, w, tied):
+        ctx.save_for_backward(rows, w)
+        ctx.tied = tied
+        return _vocab_product(rows, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, w = ctx.saved_tensors
+        ctx.tied.grad = torch.mm(g.t(), rows, out=ctx.tied.buffer(w))  # (V, C)
+        return (g @ w if ctx.needs_input_grad[0] else None), None, None
+
+
+class _TiedLookup(torch.autograd.Function):
+    """The embedding lookup w[tokens] whose gradient is the _TiedGradient's dense one plus its rows."""
+
+    @staticmethod
+    def forward(ctx, w, tokens, tied):
+        ctx.save_for_backward(tokens)
+        ctx.tied, ctx.shape = tied, w.shape
+        return F.embedding(tokens, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        tokens, = ctx.saved_tensors
+        grad, ctx.tied.grad = ctx.tied.grad, None
+        if grad is None:  # the projection was not part of the loss
+            grad = g.new_zeros(ctx.shape)
+        grad.index_add_(0, tokens.reshape(-1), g.reshape(-1, g.shape[-1]))
+        return grad.view(ctx.shape), None, None  # a view: autograd then takes it as the weight's .grad, without a copy
 
 
 def _half_copy(owner, weight, bias=None, slices=None):

@@ -178,6 +178,24 @@ def test_autocast_and_compile_on_the_device(tmp_path, corpus, tiny_en_dir, dtype
     dw.load_model(out, device="cpu")  # the run folder loads anywhere
 
 
+def test_cuda_graphs_training_on_the_device(tmp_path, corpus, tiny_en_dir):
+    """--compile_mode reduce-overhead (CUDA graphs), two micro-steps a step: the losses of an eager
+    run, and the gate, read from each forward's outputs before the next replay overwrites them."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    model_dir = tiny_model(tmp_path / "model", tiny_en_dir)
+    flags = ["--device", DEVICE.type, "--dtype", "bfloat16", "--max_iters", 4, "--eval_interval", 4, "--noise", "none",
+             "--gradient_accumulation_steps", 2, "--dual_lr_mult", 30]
+    run_train(*quick(corpus, model_dir, tmp_path / "eager", *flags, "--no-compile"))
+    run_train(*quick(corpus, model_dir, tmp_path / "graphs", *flags, "--compile", "--compile_mode", "reduce-overhead"))
+    eager, graphs = records(tmp_path / "eager", "train"), records(tmp_path / "graphs", "train")
+    print("losses, eager:", [r["loss"] for r in eager], "CUDA graphs:", [r["loss"] for r in graphs])
+    assert [r["iter"] for r in graphs] == [1, 2, 3, 4]
+    for a, b in zip(eager, graphs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-2)  # bfloat16, kernels fused differently
+    assert graphs[-1]["gate_abs"] > 0 and graphs[-1]["gate_abs"] == pytest.approx(eager[-1]["gate_abs"], rel=0.2)
+
+
 def test_torchrun_on_the_device(tmp_path, corpus, tiny_en_dir):
     """One rank under torchrun: the process group on NCCL, the evaluation's sums through it."""
     model_dir = tiny_model(tmp_path / "model", tiny_en_dir)

@@ -220,6 +220,20 @@ def test_spec_augment_masks_inside_the_clip():
     assert torch.equal(out, dw.spec_augment(mel, frames, keys=[1, 2, 3], time_width=0.1))
 
 
+def test_batches_pad_to_the_longest_text_or_to_multiples_of_8(corpus, tokenizer):
+    """Eager steps pay for every padding position; a compiled model sees fewer distinct shapes."""
+    split = prepare.PreparedSplit(corpus, "train")
+    indices = list(range(4))
+    seqs = split.batch(indices)[1]
+    longest = max(len(s) for s in seqs) - 1  # inputs are the sequences without their last token
+    for multiple, T in ((1, longest), (8, -(-longest // 8) * 8)):
+        audio, lengths, x, y, prompts = train.get_batch(split, indices, tokenizer.no_timestamps, tokenizer.eot, 448, torch.device("cpu"), multiple)
+        assert x.shape == y.shape == (4, T)
+        for b, s in enumerate(seqs):
+            assert x[b, :len(s) - 1].tolist() == s[:-1].tolist() and (x[b, len(s) - 1:] == tokenizer.eot).all()
+            assert y[b, len(prompts[b]) - 1:len(s) - 1].tolist() == s[len(prompts[b]):].tolist() and (y[b, len(s) - 1:] == -100).all()
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
