@@ -640,6 +640,7 @@ class ResidualAttentionBlock(nn.Module):
 
 class AudioEncoder(nn.Module):
     compact_front = None  # whether front() may cut a window's silent end: checked against the full convolutions at first use
+
     def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
         super().__init__()
         self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
@@ -691,7 +692,9 @@ class AudioEncoder(nn.Module):
                 at = start // 2  # column at - 1 reads frames of the run only, as do the cut ones
                 x = torch.cat([x[..., :at], x[..., at - 1:at].expand(-1, -1, cut // 2), x[..., at:]], dim=-1)
                 if AudioEncoder.compact_front is None:  # once a process: bit for bit on this CPU's kernels too?
-                    AudioEncoder.compact_front = torch.equal(x, F.gelu(self.conv2(F.gelu(self.conv1(mel)))))
+                    full = F.gelu(self.conv2(F.gelu(self.conv1(mel))))
+                    AudioEncoder.compact_front = torch.equal(x, full)
+                    return full
                 return x
         return F.gelu(self.conv2(F.gelu(self.conv1(mel))))
 
@@ -756,8 +759,9 @@ class TextDecoder(nn.Module):
         """The final normalised states (B, T, C), before the output projection (decoding projects
         only the positions it needs). When `cache.pad` gives each row's count of left padding
         slots, a row's positions start after its padding, which no real token attends to.
-        tied: the output projection follows, so the embedding's dense gradient comes from it and the
-        lookup's few rows are added to it sparsely, instead of as a second (n_vocab, C) tensor."""
+        tied: the output projection of these states follows, as the next call of `project`, so the
+        embedding's dense gradient comes from it and the lookup's few rows are added to it
+        (_TiedGradient on a CPU, sparsely elsewhere), instead of as a second (n_vocab, C) tensor."""
         T = tokens.shape[-1]
         pos, mask = self.positional_embedding[offset:offset + T], None
         if cache is not None and cache.pad is not None:
