@@ -680,23 +680,24 @@ class AudioEncoder(nn.Module):
         this project's CPU, under 384 frames), so the first such window of a process is also
         computed in full and compared, and if any bit differs on this CPU the cut is not used."""
         B, _, W = mel.shape
-        if (mel.device.type == "cpu" and B == 1 and not torch.compiler.is_compiling()
+        compact = None
+        if (mel.device.type == "cpu" and B == 1 and not torch.compiler.is_compiling() and AudioEncoder.compact_front is not False
                 and not (torch.is_grad_enabled() and (mel.requires_grad or self.conv1.weight.requires_grad or self.conv2.weight.requires_grad))):
             varies = (mel[0] != mel[0, :, -1:]).any(dim=0)  # (W,): frames that differ from the last one
             run = W - (int(varies.nonzero().max()) + 1 if varies.any() else 0)  # length of the constant run at the end
             start = (W - run + margin + 1) // 2 * 2  # the cut's first frame, even
             cut = min(W - margin - start, W - keep) // 2 * 2  # oneDNN computes narrower inputs in another order
-            if cut >= 64 and AudioEncoder.compact_front is not False:
+            if cut >= 64:
                 x = F.gelu(self.conv1(torch.cat([mel[..., :start], mel[..., start + cut:]], dim=-1)))
                 x = F.gelu(self.conv2(x))  # the full output but for its columns [start/2, (start+cut)/2)
                 at = start // 2  # column at - 1 reads frames of the run only, as do the cut ones
-                x = torch.cat([x[..., :at], x[..., at - 1:at].expand(-1, -1, cut // 2), x[..., at:]], dim=-1)
-                if AudioEncoder.compact_front is None:  # once a process: bit for bit on this CPU's kernels too?
-                    full = F.gelu(self.conv2(F.gelu(self.conv1(mel))))
-                    AudioEncoder.compact_front = torch.equal(x, full)
-                    return full
-                return x
-        return F.gelu(self.conv2(F.gelu(self.conv1(mel))))
+                compact = torch.cat([x[..., :at], x[..., at - 1:at].expand(-1, -1, cut // 2), x[..., at:]], dim=-1)
+                if AudioEncoder.compact_front:
+                    return compact
+        x = F.gelu(self.conv2(F.gelu(self.conv1(mel))))
+        if compact is not None:  # the first cut of a process: bit for bit on this CPU's kernels too?
+            AudioEncoder.compact_front = torch.equal(compact, x)
+        return x
 
     def windows_on_cores(self, mel):
         """The encoder of several windows on a CPU: one window at a time, so that its activations
@@ -799,8 +800,8 @@ class TextDecoder(nn.Module):
         tied, w = self._tied, self.token_embedding.weight  # tied: the lookup's half of a tied gradient (hidden), if any
         if tied is not None:  # (never under torch.compile, which would trace this assignment)
             self._tied = None
-        if tied is not None and torch.is_grad_enabled() and x.dtype == w.dtype:
-            return _TiedProjection.apply(x.reshape(-1, x.shape[-1]), w, tied).view(*x.shape[:-1], len(w))
+            if torch.is_grad_enabled() and x.dtype == w.dtype:
+                return _TiedProjection.apply(x.reshape(-1, x.shape[-1]), w, tied).view(*x.shape[:-1], len(w))
         w = w.to(x.dtype)
         if x.device.type != "cpu" or torch.is_grad_enabled():
             return (x @ w.t()).float()

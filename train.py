@@ -588,6 +588,7 @@ def run(args):
         if getattr(block, "dual", False):
             block.gate.register_forward_hook(lambda module, inputs, output: gates.append(output.detach()))
     graphs = args.compile and device_type == "cuda" and args.compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs
+    multiple = 8 if args.compile else 1  # batches' text lengths: fewer shapes to compile, else no padding beyond the longest
     if args.compile:
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)  # before the DDP wrap; checkpoints always come from raw_model
     if world_size > 1:
@@ -598,7 +599,6 @@ def run(args):
     def load(indices):
         """(indices, audio, lengths, inputs, targets) of a micro-batch on the device; a clip that
         passed the checks but cannot be read is replaced by the next one, logged, and left out."""
-        multiple = 8 if args.compile else 1
         indices = [i if i not in unreadable else readable(train_split, [i], train_clips, unreadable)[0][0] for i in indices]
         try:
             audio, lengths, x, y, _ = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device, multiple)
