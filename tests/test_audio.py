@@ -28,6 +28,25 @@ def test_log_mel_batched_equals_one_by_one(jfk_audio):
         assert torch.allclose(batch[i], dw.log_mel_spectrogram(x, 80), atol=1e-6)
 
 
+def test_stft_stops_at_the_zero_padding_with_the_same_bits():
+    """log_mel_spectrogram leaves out the STFT of frames past every row's last nonzero sample (the
+    padding of a short clip): against the STFT of every frame."""
+    def every_frame(x):
+        stft = torch.stft(x, dw.N_FFT, dw.HOP_LENGTH, window=torch.hann_window(dw.N_FFT), return_complex=True)
+        mel = torch.clamp(dw.mel_filters(80) @ stft[..., :-1].abs() ** 2, min=1e-10).log10()
+        return (torch.maximum(mel, mel.amax(dim=(-2, -1), keepdim=True) - 8.0) + 4.0) / 4.0
+
+    g, n = torch.Generator().manual_seed(0), dw.N_SAMPLES
+    # ends at the start, inside the first frame, at 3 s, close enough to the end that its reflection
+    # reaches the clip, at the end; and a batch whose rows end in different places
+    for lengths in ([0], [1], [16000 * 3], [n - 250], [n - 100], [n], [16000, 0, 16000 * 7 + 3, 12345]):
+        x = torch.zeros(len(lengths), n)
+        for b, L in enumerate(lengths):
+            x[b, :L] = torch.randn(L, generator=g) * 0.1
+        assert torch.equal(dw.log_mel_spectrogram(x), every_frame(x)), lengths
+        assert torch.equal(dw.log_mel_spectrogram(x[-1]), every_frame(x[-1])), lengths
+
+
 def _sine(sr, seconds, freqs):
     t = np.arange(int(sr * seconds)) / sr
     return sum(0.3 * np.sin(2 * np.pi * f * t) for f in freqs).astype(np.float32)

@@ -149,6 +149,10 @@ def test_noise_hits_the_requested_snr(kind, corpus, device):
             assert abs(measured_snr(audio[b].cpu(), noisy[b].cpu(), n) - snr) < 0.5, (kind, snr, b)
             assert torch.equal(noisy[b, n:], audio[b, n:]), "the noise must stop where the clip ends"
     assert torch.equal(noisy, mixer(audio, lengths, keys=idx, exclude=idx)), "the same keys must give the same noise"
+    # whatever the batch: a clip mixed alone, or beside longer ones (the mixer stops at the batch's longest clip)
+    for b in range(len(idx)):
+        alone = mixer(audio[b:b + 1, :lengths[b] + 7], lengths[b:b + 1], keys=idx[b:b + 1], exclude=idx[b:b + 1])
+        assert torch.equal(alone[0], noisy[b, :lengths[b] + 7]), b
     assert not torch.equal(noisy, mixer(audio, lengths, keys=[k + 100 for k in idx], exclude=idx))
 
 
