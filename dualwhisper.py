@@ -1376,8 +1376,7 @@ def mix_at_snr(clean, noise, snr_db, lengths=None):
     padding after a clip stays silent."""
     snr_db = torch.as_tensor(snr_db, dtype=torch.float32, device=clean.device)
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, device=clean.device)
-        noise = noise * (torch.arange(noise.shape[-1], device=clean.device) < lengths[..., None])
+        noise = noise * (torch.arange(noise.shape[-1], device=clean.device) < torch.as_tensor(lengths, device=clean.device)[..., None])
     scale = torch.sqrt(power(clean, lengths=lengths) / (power(noise, lengths=lengths) * 10 ** (snr_db / 10)))  # (B,)
     return clean + scale[..., None].to(clean.dtype) * noise
 

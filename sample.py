@@ -275,6 +275,8 @@ def main(argv=None):
                     raise ValueError(f"{other} and {path} would both be written as {Path(path).stem}.{formats[0]} in {out_dir}: "
                                      "transcribe them in separate runs with different --output_dir")
         dw.DecodingOptions(**{k: v for k, v in options.items() if k in ("task", "beam_size", "patience", "length_penalty")})
+        if args.audio and not args.eval and not any(Path(path).is_file() for path in args.audio):  # before a model download
+            raise FileNotFoundError(f"audio file not found: {args.audio[0]}" + (f" (nor any of the other {len(args.audio) - 1})" if len(args.audio) > 1 else ""))
         model = load(args)
         if args.language is not None:
             dw.get_tokenizer(model).to_language_code(args.language)

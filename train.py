@@ -175,6 +175,12 @@ def resolve(args):
     for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "max_bad_steps"):
         if getattr(args, name) < (0 if name == "max_iters" else 1):
             raise TrainError(f"--{name} must be positive, not {getattr(args, name)}")
+    for name in ("learning_rate", "min_lr", "dual_lr_mult", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters", "eval_samples"):
+        if not getattr(args, name) >= 0:  # (nan too)
+            raise TrainError(f"--{name} must not be negative, not {getattr(args, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise TrainError(f"--{name} must lie in [0, 1), not {getattr(args, name)}")
     return args
 
 

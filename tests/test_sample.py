@@ -318,6 +318,12 @@ def test_cli_settings(tiny_en_dir, jfk_path, capsys, args, message):
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_cli_without_any_audio_file_stops_before_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "load", lambda args: pytest.fail("the model must not be loaded (or downloaded) for nothing"))
+    assert sample.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: audio file not found: {tmp_path / 'a.wav'} (nor any of the other 1)"
+
+
 def test_cli_refuses_outputs_that_would_overwrite_each_other(tiny_en_dir, jfk_path, tmp_path, capsys):
     """a/jfk.flac and b/jfk.flac would both write jfk.txt: refused before anything is written."""
     for sub in ("a", "b"):
