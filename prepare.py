@@ -888,6 +888,8 @@ def prepare_speech(out, source, model=DEFAULT_MODEL, language=None, task="transc
     """Speech rows of `source` -> splits train and val of `out`, tokenized with the tokenizer of `model`."""
     if not 0 <= val_fraction <= 1:
         raise PrepareError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise PrepareError(f"--max_seconds must be positive, not {max_seconds}")
     tok, tok_info, n_text_ctx = resolve_tokenizer(model)
     transcripts = Transcripts(tok, language, task, n_text_ctx)
     if transcripts.language is None and not source.has_language:

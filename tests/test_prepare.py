@@ -422,7 +422,7 @@ def test_a_changed_source_does_not_resume_into_old_progress(twelve, corpus, tmp_
 
 
 @pytest.mark.parametrize("case", ["columns", "no_input", "no_shards", "parquet_columns", "model", "english_only", "no_language",
-                                  "two_sources", "val_fraction", "locked"])
+                                  "two_sources", "val_fraction", "max_seconds", "locked"])
 def test_bad_input_is_one_clear_line(case, corpus, parquet_dataset, tmp_path, tiny_en_dir, multilingual_tokenizer_dir, capsys):
     out = tmp_path / "out"
     base = ["--out", out, "--model", tiny_en_dir]
@@ -446,6 +446,8 @@ def test_bad_input_is_one_clear_line(case, corpus, parquet_dataset, tmp_path, ti
         args, expect = ["--input", good, "--hf_dataset", parquet_dataset.folder], "give one speech source"
     elif case == "val_fraction":
         args, expect = ["--input", good, "--val_fraction", 1.5], "--val_fraction must be between 0 and 1"
+    elif case == "max_seconds":
+        args, expect = ["--input", good, "--max_seconds", 0], "--max_seconds must be positive"
     else:
         out.mkdir()
         args, expect = ["--input", good], "another prepare.py is writing"
