@@ -47,6 +47,21 @@ def tune_cpu_allocator():
     return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
+def usable_device(name):
+    """torch.device(name) if this machine can run on it, else a ValueError that says why."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: expected cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: " + ("this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"))
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name}: MPS is not available here")
+    return device
+
+
 # -----------------------------------------------------------------------------
 # dimensions
 
@@ -2104,8 +2119,8 @@ def transcribe(model, audio, **options):
 def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
                     compression_ratio_threshold=2.4, logprob_threshold=-1.0, no_speech_threshold=0.6,
                     condition_on_previous_text=True, initial_prompt=None, languages=None, **decode_options):
-    """Transcribe files, decoding the current windows of up to `batch_size` files together. Yields
-    (index, result) as each file finishes, where result is what `transcribe` returns or the
+    """Transcribe files, decoding the current windows of up to `batch_size` files together. Returns a
+    generator of (index, result) as each file finishes (the options are checked at the call), where result is what `transcribe` returns or the
     exception that file raised (unreadable, say), so that one bad file does not stop the others.
 
     temperature: one, or a sequence tried in turn while a window's text is too repetitive
@@ -2117,12 +2132,25 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     decode_options["language"]; None detects each file's language (multilingual models) on its
     first 30 seconds. verbose: True prints each segment, False shows a progress bar. fp16, which
     openai-whisper's callers pass, is accepted and ignored: the model's own dtype is used."""
-    import tqdm
-
     decode_options.pop("fp16", None)
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    tries = []  # the options of each try, checked now: a bad one fails at this call, not at some window's fallback
+    for temp in temperatures:  # beam search at temperature 0, best_of samples above it
+        kw = dict(decode_options, language=None)
+        kw.pop("best_of" if temp == 0 else "beam_size", None)
+        if temp > 0:
+            kw.pop("patience", None)
+        tries.append(DecodingOptions(**kw, temperature=temp))
+    return _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_threshold, logprob_threshold, no_speech_threshold,
+                         condition_on_previous_text, initial_prompt, languages, decode_options.get("language"))
+
+
+def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_threshold, logprob_threshold, no_speech_threshold,
+                  condition_on_previous_text, initial_prompt, languages, language_option):
+    """transcribe_many's generator."""
+    import tqdm
+
     tokenizer = model_tokenizer(model)
-    DecodingOptions(**{k: v for k, v in decode_options.items() if k not in ("best_of", "beam_size", "patience")})  # check them now
     pending = iter(enumerate(audios))
     active = []  # (index, _Transcript)
     with tqdm.tqdm(total=0, unit="s", unit_scale=True, disable=verbose is not False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
@@ -2137,7 +2165,7 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
                         path, audio = audio, load_audio(audio)
                         if len(audio) == 0:
                             raise ValueError(f"audio file {path} holds no samples")
-                    language = languages[i] if languages is not None else decode_options.get("language")
+                    language = languages[i] if languages is not None else language_option
                     if language is not None:
                         language = tokenizer.to_language_code(language) if tokenizer.multilingual else "en"
                     elif not tokenizer.multilingual:
@@ -2172,12 +2200,7 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
                         print(f"Detected language: {LANGUAGES[code].title()}")
             results = [None] * len(active)
             todo = list(range(len(active)))
-            for temp in temperatures:
-                kw = dict(decode_options, language=None)
-                kw.pop("best_of" if temp == 0 else "beam_size", None)
-                if temp > 0:
-                    kw.pop("patience", None)
-                options = DecodingOptions(**kw, temperature=temp)
+            for options in tries:
                 out = _decode(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
                 again = []
                 for j, r in zip(todo, out):

@@ -102,11 +102,11 @@ class _Clips:
     """Float samples of the evaluation clips, loaded once: the pool that babble and talker noise
     are drawn from, and what the noise is added to."""
 
-    def __init__(self, clips):
-        self.clips, self.cache = clips, {}
+    def __init__(self, clips, n):  # the first n
+        self.clips, self.n, self.cache = clips, n, {}
 
     def __len__(self):
-        return len(self.clips)
+        return self.n
 
     def __getitem__(self, i):
         if i not in self.cache:
@@ -132,7 +132,7 @@ def evaluate(model, args, options):
 
     clips, refs, languages = read_eval_set(args.eval, args.split)
     if args.limit:
-        clips, refs, languages = clips[:args.limit], refs[:args.limit], languages[:args.limit]
+        refs, languages = refs[:args.limit], languages[:args.limit]
     if len(refs) == 0:
         raise ValueError(f"--eval {args.eval}: the set is empty")
     tokenizer = dw.get_tokenizer(model)
@@ -140,7 +140,7 @@ def evaluate(model, args, options):
         languages = None
     else:  # a row's language when the model knows it, else detected
         languages = [lang if lang in tokenizer.language_codes else None for lang in languages]
-    pool = _Clips(clips)
+    pool = _Clips(clips, len(refs))
     english = (args.language or "en") == "en" if languages is None else all(lang in (None, "en") for lang in languages)
     conditions = [("clean", None)]
     if args.snr:
@@ -220,6 +220,7 @@ def parse_args(argv=None):
         p.error("give audio files to transcribe, or --eval DATA")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
+
     return args
 
 
@@ -274,7 +275,9 @@ def main(argv=None):
                 if Path(other).resolve() != Path(path).resolve():
                     raise ValueError(f"{other} and {path} would both be written as {Path(path).stem}.{formats[0]} in {out_dir}: "
                                      "transcribe them in separate runs with different --output_dir")
-        dw.DecodingOptions(**{k: v for k, v in options.items() if k in ("task", "beam_size", "patience", "length_penalty")})
+        dw.usable_device(args.device)
+        if args.limit < 0:
+            raise ValueError(f"--limit must not be negative, not {args.limit}")
         if args.audio and not args.eval and not any(Path(path).is_file() for path in args.audio):  # before a model download
             raise FileNotFoundError(f"audio file not found: {args.audio[0]}" + (f" (nor any of the other {len(args.audio) - 1})" if len(args.audio) > 1 else ""))
         model = load(args)
@@ -283,6 +286,8 @@ def main(argv=None):
         if args.eval:
             evaluate(model, args, options)
             return 0
+        progress = False if sys.stderr.isatty() and not args.verbose else None
+        results = dw.transcribe_many(model, args.audio, batch_size=args.batch_size, verbose=True if args.verbose else progress, **options)
     except (OSError, ValueError, ConnectionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -290,8 +295,6 @@ def main(argv=None):
     if formats:
         out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    progress = False if sys.stderr.isatty() and not args.verbose else None
-    results = dw.transcribe_many(model, args.audio, batch_size=args.batch_size, verbose=True if args.verbose else progress, **options)
     for i, result in results:
         path = args.audio[i]
         if isinstance(result, Exception):

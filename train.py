@@ -161,7 +161,10 @@ def resolve(args):
     """Fill in the automatic settings and check the rest; the result is printed and stored."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = torch.device(args.device).type
+    try:
+        device_type = dw.usable_device(args.device).type
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if args.dtype is None:
         args.dtype = "float32" if device_type != "cuda" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     if args.compile is None:

@@ -307,7 +307,12 @@ def test_cli_bad_files_are_reported_and_the_others_complete(tiny_en_dir, jfk_pat
     (["--beam_size", "2", "--best_of", "3", "--temperature_increment_on_fallback", "0"], None),
     (["--patience", "2"], "patience needs beam_size"),
     (["--language", "xx"], "unsupported language"),
-], ids=["model", "ok", "patience", "language"])
+    (["--temperature", "-1"], "temperatures cannot be negative"),
+    (["--best_of", "0"], "best_of and sample_len must be at least 1"),  # checked at once, not at the first fallback
+    (["--device", "cuda:7"], "device cuda:7: "),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--limit", "-1"], "--limit must not be negative"),
+], ids=["model", "ok", "patience", "language", "temperature", "best_of", "device", "device_name", "limit"])
 def test_cli_settings(tiny_en_dir, jfk_path, capsys, args, message):
     argv = [str(jfk_path), "--model", str(tiny_en_dir)] + args
     code = sample.main(argv)
@@ -372,13 +377,13 @@ def test_eval_manifest_and_prepared_split_with_noise(tiny_en_dir, jfk_path, tmp_
     for r in rows:
         writer.add(dw.load_audio(r["path"] if r["path"].startswith("/") else tmp_path / r["path"]), [50257, 50256], {"id": r["path"], "text": r["text"]})
     writer.close()
-    for data, snr in ((manifest, ["-5"]), (tmp_path / "prepared", [])):
-        args = ["--eval", str(data), "--model", str(tiny_en_dir), "--temperature_increment_on_fallback", "0"]
+    for data, snr, limit in ((manifest, ["-5"], 0), (tmp_path / "prepared", [], 0), (tmp_path / "prepared", ["-5"], 2)):
+        args = ["--eval", str(data), "--model", str(tiny_en_dir), "--temperature_increment_on_fallback", "0", "--limit", str(limit)]
         assert sample.main(args + (["--snr", *snr, "--noise", "white", "--seed", "1"] if snr else [])) == 0
         lines = capsys.readouterr().out.splitlines()
         table = {line[:24].strip(): line[24:].split() for line in lines[1:]}
         assert list(table) == ["clean"] + [f"white {s} dB" for s in snr]
-        assert all(row[0] == "3" for row in table.values())
+        assert all(row[0] == str(limit or 3) for row in table.values())
         wer = {k: float(v[1].rstrip("%")) for k, v in table.items()}
         assert wer["clean"] < 20 and all(wer[k] > wer["clean"] for k in wer if k != "clean"), wer
     for lines, message in (([rows[1], {"path": "clip1.wav"}], "row 2 lacks a path"), ([{"path": "clip0.wav"}], "no transcript column")):

@@ -447,7 +447,8 @@ def test_bad_settings_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
              (["--plain", "--freeze", "base"], "nothing to train"),
              (["--learning_rate", -1], "--learning_rate must not be negative"),
              (["--weight_decay", "nan"], "--weight_decay must not be negative"),
-             (["--beta2", 1], "--beta2 must lie in [0, 1)")]
+             (["--beta2", 1], "--beta2 must lie in [0, 1)"),
+             (["--device", "cuda:7"], "device cuda:7: ")]
     for extra, message in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
