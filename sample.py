@@ -220,7 +220,6 @@ def parse_args(argv=None):
         p.error("give audio files to transcribe, or --eval DATA")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
-
     return args
 
 
