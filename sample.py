@@ -122,9 +122,10 @@ def noise_bank(folder):
     from prepare import AUDIO_SUFFIXES, _audio_files
 
     files = _audio_files(folder)  # the order of prepare.py --noise_dir
-    if not files:
-        raise ValueError(f"--noise {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in that folder")
-    return [dw.load_audio(Path(folder) / f) for f in files]
+    recordings = [a for a in (dw.load_audio(Path(folder) / f) for f in files) if len(a)]  # an empty one would add nothing
+    if not recordings:
+        raise ValueError(f"--noise {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) with samples in that folder")
+    return recordings
 
 
 def evaluate(model, args, options):
@@ -135,6 +136,8 @@ def evaluate(model, args, options):
         refs, languages = refs[:args.limit], languages[:args.limit]
     if len(refs) == 0:
         raise ValueError(f"--eval {args.eval}: the set is empty")
+    if not any(str(r or "").strip() for r in refs):  # a noise split, say
+        raise ValueError(f"--eval {args.eval}: no clip has a reference text to score against")
     tokenizer = dw.get_tokenizer(model)
     if args.language or not tokenizer.multilingual:
         languages = None

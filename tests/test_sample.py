@@ -393,6 +393,25 @@ def test_eval_manifest_and_prepared_split_with_noise(tiny_en_dir, jfk_path, tmp_
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_eval_noise_folder_and_a_set_without_texts(tiny_en_dir, jfk_audio, tmp_path, capsys):
+    prepare = need("prepare")
+    import soundfile as sf
+
+    folder = tmp_path / "noises"
+    folder.mkdir()
+    sf.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
+    with pytest.raises(ValueError, match="no audio files .* with samples"):
+        sample.noise_bank(folder)
+    sf.write(folder / "hum.wav", 0.1 * np.sin(np.arange(16000) * 2 * np.pi * 120 / 16000).astype(np.float32), 16000)
+    bank = sample.noise_bank(folder)  # the empty recording left out: drawn, it would have added nothing
+    assert len(bank) == 1 and len(bank[0]) == 16000
+    writer = prepare.SplitWriter(tmp_path / "prepared", "val")  # clips without transcripts, as a noise split has
+    writer.add(jfk_audio, [50257, 50256], {"id": "a", "text": ""})
+    writer.close()
+    assert sample.main(["--eval", str(tmp_path / "prepared"), "--model", str(tiny_en_dir)]) == 2
+    assert "no clip has a reference text" in capsys.readouterr().err
+
+
 def test_normalizer():
     n = dw.normalize_text
     assert n("Mr. Smith said: twenty-five percent!") == n("mister smith said 25%") == "mister smith said 25%"
