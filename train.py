@@ -532,7 +532,9 @@ def run(args):
             print("config:", json.dumps(config), flush=True)
 
         # ---- data
-        train_split, val_split = PreparedSplit(args.data, "train"), PreparedSplit(args.data, "val")
+        train_split = PreparedSplit(args.data, "train")
+        has_val = (Path(args.data) / "val.index.npy").exists() or args.eval_samples > 0  # (without it, PreparedSplit says so)
+        val_split = PreparedSplit(args.data, "val") if has_val else None
         bank = PreparedSplit(args.data, "noise") if (Path(args.data) / "noise.index.npy").exists() else None
         noise = parse_noise(args.noise)
         if "bank" in noise and (bank is None or len(bank) == 0):
@@ -553,10 +555,11 @@ def run(args):
         model.gradient_checkpointing(args.gradient_checkpointing)
         dims = model.dims
         train_clips, train_bad = usable_clips(train_split, dims.n_vocab, dims.n_text_ctx)
-        val_clips, val_bad = usable_clips(val_split, dims.n_vocab, dims.n_text_ctx)
-        if len(train_clips) == 0 or len(val_clips) == 0:
-            raise TrainError(f"{args.data}: no usable clips in split {'train' if len(train_clips) == 0 else 'val'} "
-                             f"({train_bad if len(train_clips) == 0 else val_bad})")
+        val_clips, val_bad = usable_clips(val_split, dims.n_vocab, dims.n_text_ctx) if val_split is not None else ([], {})
+        for name, clips, bad in (("train", train_clips, train_bad), ("val", val_clips, val_bad)):
+            if len(clips) == 0 and (name == "train" or args.eval_samples > 0):
+                raise TrainError(f"{args.data}: split {name} has no usable clips ({f'all left out: {bad}' if bad else 'it is empty'})"
+                                 + ("; evaluation needs some (prepare.py --val_fraction above 0), or pass --eval_samples 0" if name == "val" else ""))
         mixer = dw.NoiseMixer(noise, bank, train_split, args.snr_db, args.talker_db, args.babble_talkers, args.seed) if noise else None
         eval_clips = val_clips[:args.eval_samples]
         conditions = {"clean": None}
@@ -769,7 +772,8 @@ def run(args):
         print(f"WER on {len(eval_clips)} held-out clips of {args.data}: " + "; ".join(
             f"{k}: {100 * first[k]['wer']:.1f}% at step {i0} -> {100 * last[k]['wer']:.1f}% at step {i1}" for k in first))
     if master:
-        print(f"done: {out_dir}/best (lowest mean WER) and {out_dir}/latest; transcribe with: python sample.py --model {out_dir} FILE")
+        kept = f"{out_dir}/best (lowest mean WER) and {out_dir}/latest" if (out_dir / "best").is_dir() else f"{out_dir}/latest"
+        print(f"done: {kept}; transcribe with: python sample.py --model {out_dir} FILE")
     return finish(world_size)
 
 

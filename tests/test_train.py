@@ -463,6 +463,24 @@ def test_bad_settings_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     assert (tmp_path / "done" / "latest" / "model.safetensors").read_bytes() == before
 
 
+def test_training_without_a_validation_split(tmp_path, corpus, tiny_dir, capsys):
+    """--eval_samples 0 needs no val split; evaluating with an empty one fails in one line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in Path(corpus).iterdir():
+        if f.name.startswith(("train.", "noise.")):
+            (data / f.name).write_bytes(f.read_bytes())
+    _, out, _ = run_train(*quick(data, tiny_dir, tmp_path / "out", "--max_iters", 1))
+    assert (tmp_path / "out" / "latest").is_dir() and not (tmp_path / "out" / "best").exists()
+    assert f"done: {tmp_path / 'out' / 'latest'};" in out  # no best/ claimed
+    prepare.SplitWriter(data, "val").close()  # an empty val split
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_main(quick(data, tiny_dir, tmp_path / "out2", "--max_iters", 1, "--eval_samples", 4))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "split val has no usable clips (it is empty)" in err and "--eval_samples 0" in err
+
+
 def test_config_file_and_resume_defaults(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('max_iters = 7\nsnr_db = [1, 2]\nnoise = "white:1"\n')
