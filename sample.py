@@ -284,7 +284,10 @@ def main(argv=None):
             raise FileNotFoundError(f"audio file not found: {args.audio[0]}" + (f" (nor any of the other {len(args.audio) - 1})" if len(args.audio) > 1 else ""))
         model = load(args)
         if args.language is not None:
-            dw.get_tokenizer(model).to_language_code(args.language)
+            tokenizer = dw.get_tokenizer(model)
+            if tokenizer.to_language_code(args.language) != "en" and not tokenizer.multilingual:  # as openai-whisper warns
+                print(f"warning: {args.model} is an English-only model: --language {args.language} is ignored, English is "
+                      "transcribed", file=sys.stderr)
         if args.eval:
             evaluate(model, args, options)
             return 0

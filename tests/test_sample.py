@@ -323,6 +323,13 @@ def test_cli_settings(tiny_en_dir, jfk_path, capsys, args, message):
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def test_cli_warns_that_an_english_only_model_ignores_another_language(tiny_en_dir, jfk_path, capsys):
+    assert sample.main([str(jfk_path), "--model", str(tiny_en_dir), "--language", "az"]) == 0
+    out, err = capsys.readouterr()
+    assert "country" in out
+    assert err.strip() == f"warning: {tiny_en_dir} is an English-only model: --language az is ignored, English is transcribed"
+
+
 def test_cli_without_any_audio_file_stops_before_the_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sample, "load", lambda args: pytest.fail("the model must not be loaded (or downloaded) for nothing"))
     assert sample.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]) == 2
