@@ -286,6 +286,27 @@ def test_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
     assert moved.mean() > 1e-4, "training must have changed the parameters"
 
 
+def test_gradient_checkpointing_and_accumulation_give_the_same_steps(tmp_path, corpus, tiny_dir):
+    """Recomputing activations in the backward pass, or splitting the batch into micro-steps,
+    changes how the gradient is computed, not what it is."""
+    flags = ["--max_iters", 3, "--noise", "white:0.5,babble:0.3", "--spec_augment"]
+    runs = {name: tmp_path / name for name in ("plain", "checkpointing", "accumulation")}
+    train_main(quick(corpus, tiny_dir, runs["plain"], *flags))
+    train_main(quick(corpus, tiny_dir, runs["checkpointing"], *flags, "--gradient_checkpointing"))
+    train_main(quick(corpus, tiny_dir, runs["accumulation"], *flags, "--gradient_accumulation_steps", 2))
+    def steps(out):  # (loss, gradient norm before clipping) of each step: Adam alone would hide a gradient off by a factor
+        return {r["iter"]: (r["loss"], r["grad_norm"]) for r in records(out, "train")}
+
+    ref = steps(runs["plain"])
+    assert set(ref) == {1, 2, 3}
+    for name in ("checkpointing", "accumulation"):
+        got = steps(runs[name])
+        assert got.keys() == ref.keys() and all(got[i] == pytest.approx(ref[i], rel=1e-5) for i in ref), (name, got, ref)
+        a, b = load_file(runs["plain"] / "latest" / "model.safetensors"), load_file(runs[name] / "latest" / "model.safetensors")
+        diff = abs_diff(a, b)
+        assert diff.max() < 1e-4 and diff.mean() < 1e-7, (name, diff.max(), diff.mean())
+
+
 def test_resume_after_kill_reproduces_the_losses(tmp_path, corpus, tiny_dir):
     flags = ["--max_iters", 8, "--eval_interval", 3, "--log_interval", 1, "--spec_augment"]
     run_train(*quick(corpus, tiny_dir, tmp_path / "whole", *flags))
