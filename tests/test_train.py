@@ -512,6 +512,26 @@ def test_config_file_and_resume_defaults(tmp_path):
         train.parse_config(["--config", str(cfg)])
 
 
+def test_optimizer_groups_decay_and_learning_rates(tiny_dir):
+    """Only linear and conv weights decay (never norms, biases, embeddings or the gate); the new parts get
+    dual_lr_mult; frozen parts are left out."""
+    model = dw.load_model(tiny_dir)
+    expect = {"encoder.conv1.weight": (0.1, 1.0), "encoder.blocks.0.mlp.0.weight": (0.1, 1.0), "encoder.blocks.0.mlp.0.bias": (0.0, 1.0),
+              "decoder.blocks.0.attn_ln.weight": (0.0, 1.0), "decoder.token_embedding.weight": (0.0, 1.0),
+              "decoder.positional_embedding": (0.0, 1.0), "decoder.blocks.0.cross_attn.key.weight": (0.1, 1.0),
+              "decoder.blocks.0.cross_attn2.query.weight": (0.1, 3.0), "decoder.blocks.0.cross_attn2.query.bias": (0.0, 3.0),
+              "decoder.blocks.0.cross_attn2_ln.weight": (0.0, 3.0), "decoder.blocks.0.gate.weight": (0.0, 3.0)}
+    for freeze in ("none", "encoder"):
+        args = train.resolve(train.parse_config(["--weight_decay", "0.1", "--dual_lr_mult", "3", "--freeze", freeze, "--device", "cpu"]))
+        for name, p in model.named_parameters():
+            p.requires_grad_(not (name.startswith("encoder.") and freeze == "encoder"))
+        groups = {n: (g["weight_decay"], g["lr_mult"]) for g in train.configure_optimizer(model, args, "cpu").param_groups
+                  for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+        assert set(groups) == {n for n, p in model.named_parameters() if p.requires_grad}
+        for name, want in expect.items():
+            assert groups.get(name) == (None if freeze == "encoder" and name.startswith("encoder.") else want), (freeze, name)
+
+
 def test_learning_rate_schedule():
     args = train.resolve(train.parse_config(["--learning_rate", "1e-3", "--warmup_iters", "10", "--max_iters", "110"]))
     lrs = [train.get_lr(i, args) for i in range(120)]
