@@ -4,6 +4,7 @@ data and bad settings. Tiny random models keep it fast; real speech comes from j
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -510,6 +511,24 @@ def test_config_file_and_resume_defaults(tmp_path):
     cfg.write_text('max_iter = 7\n')
     with pytest.raises(train.TrainError, match="unknown setting 'max_iter'"):
         train.parse_config(["--config", str(cfg)])
+
+
+def test_plain_baseline_and_the_progress_lines(tmp_path, corpus, tiny_dir, capsys):
+    """--plain trains single-cross-attention Whisper with the same loop and saves it as such; one
+    progress line per step with loss, lr, grad norm, gate (dual only), samples/s and ETA."""
+    number = r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?"
+    for plain in (True, False):
+        out = tmp_path / ("plain" if plain else "dual")
+        capsys.readouterr()
+        train_main(quick(corpus, tiny_dir, out, "--max_iters", 2, *(["--plain"] if plain else [])))
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+        gate = "" if plain else rf", gate {number} \(\|g\| {number}\)"
+        assert len(lines) == 2 and all(re.fullmatch(rf"step {i}/2: loss {number}, lr {number}, grad norm {number}{gate}, "
+                                                     rf"{number} samples/s, eta {number} min", line) for i, line in enumerate(lines, 1)), lines
+        keys = set(load_file(out / "latest" / "model.safetensors"))
+        assert any(dw.is_dual_parameter(k) for k in keys) != plain
+        model = dw.load_model(out)
+        assert model.dims.dual != plain and len(losses(out)) == 2
 
 
 def test_optimizer_groups_decay_and_learning_rates(tiny_dir):
