@@ -264,8 +264,9 @@ def test_overfits_a_few_clips(tmp_path, tiny_en_dir, tokenizer, jfk_audio):
 
 
 def test_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
-    """torchrun with 2 gloo ranks: both end bit-identical, and match one process with the same global batch."""
-    flags = ["--max_iters", 3, "--eval_interval", 3, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2"]
+    """torchrun with 2 gloo ranks: both end bit-identical, and match one process with the same global
+    batch; the evaluation, each rank on its share of the clips, matches one process's too."""
+    flags = ["--max_iters", 3, "--eval_interval", 3, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2", "--eval_samples", 2]
     run_train(*quick(corpus, tiny_dir, tmp_path / "one", *flags))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
            *map(str, quick(corpus, tiny_dir, tmp_path / "two", *flags))]
@@ -277,6 +278,14 @@ def test_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
     assert one.keys() == two.keys() == {1, 2, 3}
     for it in one:
         assert one[it] == pytest.approx(two[it], rel=1e-4)
+    evals = [records(tmp_path / run, "eval") for run in ("one", "two")]
+    assert [e["iter"] for e in evals[0]] == [e["iter"] for e in evals[1]] == [0, 3]
+    for a, b in zip(*evals):
+        assert a["results"].keys() == b["results"].keys() == {"clean", "babble 5 dB"}
+        for cond in a["results"]:
+            ra, rb = a["results"][cond], b["results"][cond]
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4) and ra["words"] == rb["words"] > 0, (cond, ra, rb)
+            assert ra["wer"] == pytest.approx(rb["wer"], abs=1e-9) and ra["cer"] == pytest.approx(rb["cer"], abs=1e-9), (cond, ra, rb)
     a, b = load_file(tmp_path / "one" / "latest" / "model.safetensors"), load_file(tmp_path / "two" / "latest" / "model.safetensors")
     start = load_file(tiny_dir / "model.safetensors")
     assert a.keys() == b.keys() == start.keys()
