@@ -533,7 +533,8 @@ def run(args):
 
         # ---- data
         train_split = PreparedSplit(args.data, "train")
-        has_val = (Path(args.data) / "val.index.npy").exists() or args.eval_samples > 0  # (without it, PreparedSplit says so)
+        # the val split serves evaluation: optional with --eval_samples 0, else a missing one is PreparedSplit's error
+        has_val = (Path(args.data) / "val.index.npy").exists() or args.eval_samples > 0
         val_split = PreparedSplit(args.data, "val") if has_val else None
         bank = PreparedSplit(args.data, "noise") if (Path(args.data) / "noise.index.npy").exists() else None
         noise = parse_noise(args.noise)
