@@ -495,7 +495,6 @@ def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, ra
 
 
 def main(argv=None):
-    dw.tune_cpu_allocator()
     try:
         return run(resolve(parse_config(argv)))
     except TrainError as e:

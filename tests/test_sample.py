@@ -177,33 +177,6 @@ def test_windows_that_are_not_adjacent_decode_as_alone(tiny_en, jfk_audio, long_
     assert len(together[1].tokens) < min(len(together[i].tokens) for i in (0, 2, 3))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_tuned_allocator_keeps_large_blocks_for_reuse():
-    """sample.py's allocator setting: a 16 MB tensor comes from malloc's heap and stays there when
-    freed, ready for the next one without faulting in fresh pages; by default it is mapped from the
-    kernel and given back (glibc's own counts, mallinfo2, in a fresh process each)."""
-    script = """
-import ctypes, sys, torch
-import dualwhisper as dw
-assert dw.tune_cpu_allocator() if sys.argv[1] == "tuned" else True
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-mallinfo2 = ctypes.CDLL(None).mallinfo2
-mallinfo2.restype = Info
-x = torch.ones(4 << 20)
-mapped = mallinfo2().hblkhd
-del x
-print(mapped >> 20, mallinfo2().fordblks >> 20)
-"""
-    mb = {}
-    for mode in ("default", "tuned"):
-        run = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
-        mb[mode] = [int(v) for v in run.stdout.split()]  # MB mapped while it is held, MB free in the heap after
-    assert mb["default"][0] >= 16 and mb["default"][1] < 16, mb
-    assert mb["tuned"][0] < 16 and mb["tuned"][1] >= 16, mb
-
-
 def test_long_log_mel_in_chunks_is_the_same(long_audio):
     whole = dw.log_mel_spectrogram(long_audio, padding=dw.N_SAMPLES)
     chunked = dw.padded_log_mel(long_audio, chunk_frames=1234)
