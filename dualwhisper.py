@@ -868,7 +868,7 @@ def _read_safetensors(folder):
     return state
 
 
-def _remap(state, table, source):
+def remap(state, table, source):
     """Rename official tensors to ours through `table`, checking that every tensor is known and
     used exactly once."""
     unknown = [k for k in state if k not in table and k != HF_TIED_OUTPUT]
@@ -885,7 +885,7 @@ def _remap(state, table, source):
     return out
 
 
-def _resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file", needs="model.safetensors and config.json"):
+def resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file", needs="model.safetensors and config.json"):
     """A local folder for a model name, hub id or path; downloads only `allow_patterns`, the files a
     model needs. `what` was looked for and a local folder `needs` those files, for the errors."""
     path = Path(os.path.expanduser(str(name_or_path)))
@@ -927,7 +927,7 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
     dual=False builds plain single-attention Whisper. gate and branch2 choose the fusion and the
     second branch's start for official weights (ModelDimensions); a saved model keeps its own."""
     variant = {k: v for k, v in (("gate", gate), ("branch2", branch2)) if v is not None}
-    path = _resolve(name_or_path)
+    path = resolve(name_or_path)
     if path.is_file() and path.suffix == ".pt":
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -956,20 +956,20 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
             if not dual and dims.dual:
                 state = {k: v for k, v in state.items() if not is_dual_parameter(k)}
             dims.dual = dims.dual and dual
-            expected = set(_empty_model(dims).state_dict())
+            expected = set(empty_model(dims).state_dict())
             if set(state) != expected:
                 odd = sorted(set(state) ^ expected)
                 raise ValueError(f"{path} does not match its config: tensor {odd[0]!r} is missing or unexpected")
         elif cfg.get("model_type") == "whisper":
             dims = ModelDimensions.from_hf_config(cfg, dual=dual, **variant)
-            state = _remap(state, hf_key_map(dims), path)
+            state = remap(state, hf_key_map(dims), path)
         else:
             raise ValueError(f"{cfg_path} describes a {cfg.get('model_type')!r} model, not Whisper")
         source_dir = path
     else:
         raise ValueError(f"{path} is neither a checkpoint folder nor a .pt file")
 
-    model = _empty_model(dims)
+    model = empty_model(dims)
     expected = model.state_dict()
     for k, v in state.items():
         if expected[k].shape != v.shape:
@@ -993,7 +993,7 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
     return model.eval()
 
 
-def _empty_model(dims):
+def empty_model(dims):
     with torch.device("meta"):
         return Whisper(dims)
 
@@ -1424,7 +1424,7 @@ def _timestamp_rules(logits, sampled, tokenizer, max_initial):
 
 
 @torch.inference_mode()
-def _decode(model, tokenizer, base, rows, options, languages, prompts=None, initial=None, gates=False):
+def decode_windows(model, tokenizer, base, rows, options, languages, prompts=None, initial=None, gates=False):
     """Decode windows `rows` of `base`, a KVCache that holds the cross-attention keys and values of a
     batch of windows, so that temperature fallback decodes again without the encoder. Each row has
     its language and its prompt (previous-text tokens); rows with prompts of different lengths are
@@ -1619,7 +1619,7 @@ def decode(model, mel, options=DecodingOptions(), tokenizer=None, **kwargs):
         languages, language_probs = detect_language(model, base, tokenizer)
     else:
         languages = [tokenizer.to_language_code(options.language) if options.language else "en"] * B
-    results = _decode(model, tokenizer, base, list(range(B)), options, languages, gates=True)
+    results = decode_windows(model, tokenizer, base, list(range(B)), options, languages, gates=True)
     for r, p in zip(results, language_probs):
         r.language_probs = p
     return results[0] if single else results
@@ -1634,7 +1634,7 @@ def greedy_decode(model, mel, tokenizer, prompt=None, max_tokens=None):
     prompt = prompt or tokenizer.sot_sequence() + [tokenizer.no_timestamps]
     options = DecodingOptions(without_timestamps=True, sample_len=max_tokens)
     base = KVCache(model, encode_audio(model, mel), 1)
-    results = _decode(model, tokenizer, base, list(range(B)), options, [tokenizer.language or "en"] * B, initial=[list(prompt)] * B)
+    results = decode_windows(model, tokenizer, base, list(range(B)), options, [tokenizer.language or "en"] * B, initial=[list(prompt)] * B)
     return [r.tokens for r in results]
 
 
@@ -1859,7 +1859,7 @@ def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_t
             results = [None] * len(active)
             todo = list(range(len(active)))
             for options in tries:
-                out = _decode(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
+                out = decode_windows(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
                 again = []
                 for j, r in zip(todo, out):
                     results[j] = r

@@ -119,9 +119,9 @@ class _Clips:
 
 
 def noise_bank(folder):
-    from prepare import AUDIO_SUFFIXES, _audio_files
+    from prepare import AUDIO_SUFFIXES, audio_files
 
-    files = _audio_files(folder)  # the order of prepare.py --noise_dir
+    files = audio_files(folder)  # the order of prepare.py --noise_dir
     recordings = [a for a in (dw.load_audio(Path(folder) / f) for f in files) if len(a)]  # an empty one would add nothing
     if not recordings:
         raise ValueError(f"--noise {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) with samples in that folder")

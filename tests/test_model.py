@@ -138,10 +138,10 @@ def test_every_official_size_builds_and_maps_key_for_key(name):
         hf = transformers.WhisperForConditionalGeneration(cfg)
     dims = dw.ModelDimensions.from_hf_config(cfg.to_dict())
     assert dims.num_languages == (100 if vocab == 51866 else 99)
-    model = dw._empty_model(dims)
+    model = dw.empty_model(dims)
     ours = model.state_dict()
     hf_state = {k: v for k, v in hf.state_dict().items() if k != dw.HF_TIED_OUTPUT}  # tied: files leave it out
-    renamed = dw._remap(hf_state, dw.hf_key_map(dims), name)
+    renamed = dw.remap(hf_state, dw.hf_key_map(dims), name)
     left = set(ours) - set(renamed)
     assert left and all(dw.is_dual_parameter(k) for k in left)
     for k, v in renamed.items():

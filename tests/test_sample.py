@@ -164,12 +164,12 @@ def test_windows_that_are_not_adjacent_decode_as_alone(tiny_en, jfk_audio, long_
     base = dw.KVCache(tiny_en, dw.encode_audio(tiny_en, mels), 1)
     options = dw.DecodingOptions(temperature=0.0)
     tokenizer = dw.get_tokenizer(tiny_en)
-    alone = [dw._decode(tiny_en, tokenizer, base, [i], options, ["en"])[0] for i in range(4)]
+    alone = [dw.decode_windows(tiny_en, tokenizer, base, [i], options, ["en"])[0] for i in range(4)]
     subset = base.rows([0, 2, 3], 1)
     k = subset.cross[0][0][0]
     assert isinstance(k, list) and [len(p) for p in k] == [1, 2] and k[0].data_ptr() == base.full[0][0][0].data_ptr()
-    together = dw._decode(tiny_en, tokenizer, base, [0, 1, 2, 3], options, ["en"] * 4)  # window 1 (silence) ends first
-    picked = dw._decode(tiny_en, tokenizer, base, [0, 2, 3], options, ["en"] * 3)
+    together = dw.decode_windows(tiny_en, tokenizer, base, [0, 1, 2, 3], options, ["en"] * 4)  # window 1 (silence) ends first
+    picked = dw.decode_windows(tiny_en, tokenizer, base, [0, 2, 3], options, ["en"] * 3)
     for got, rows in ((together, [0, 1, 2, 3]), (picked, [0, 2, 3])):
         for r, i in zip(got, rows):
             assert r.tokens == alone[i].tokens, i
