@@ -151,8 +151,8 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
     def kv(self, xa):
-        """Keys and values of the audio features xa (B, S, C): computed once per window when decoding."""
-        return self.heads(self.key(xa)).contiguous(), self.heads(self.value(xa)).contiguous()
+        """Keys and values (B, H, S, D) of the audio features xa (B, S, C)."""
+        return self.heads(self.key(xa)), self.heads(self.value(xa))
 
     def forward(self, x, xa=None, mask=None, kv_cache=None, offset=0, need_weights=False):
         """x (B, T, C) -> (B, T, C), and the attention weights (B, H, T, S) if need_weights.
@@ -256,10 +256,11 @@ class ResidualAttentionBlock(nn.Module):
         return g, a + g * (b - a)
 
     def cross_kv(self, xa):
-        """Cross-attention keys and values of each branch for one batch of windows, computed once
-        when decoding; None for the second branch while its gate is closed."""
-        second = self.cross_attn2.kv(xa) if self.dual and not self.gate_is_closed() else None
-        return [self.cross_attn.kv(xa), second]
+        """Cross-attention keys and values of each branch for a batch of windows, computed once
+        for decoding; None for the second branch while its gate is closed."""
+        branches = [self.cross_attn.kv(xa), self.cross_attn2.kv(xa) if self.dual and not self.gate_is_closed() else None]
+        # each head's (S, D) block contiguous: every decoding step streams all of them
+        return [None if kv is None else (kv[0].contiguous(), kv[1].contiguous()) for kv in branches]
 
     def forward(self, x, xa=None, mask=None, kv_cache=None, offset=0, details=None):
         """x (B, T, C); xa: audio features (B, S, C) for decoder blocks. When decoding, xa is None

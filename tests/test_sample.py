@@ -156,18 +156,14 @@ def test_batched_windows_match_one_file_at_a_time(tiny_en, jfk_audio, long_audio
 
 
 def test_windows_that_are_not_adjacent_decode_as_alone(tiny_en, jfk_audio, long_audio):
-    """A cache for windows 0, 2 and 3 of four attends to views of the first cache's keys and
-    values, piece by piece (no copy), and a window that finishes first (silence) leaves a batch the
-    same way: each window's tokens and log-probability are what it gives alone."""
+    """A cache for windows 0, 2 and 3 of four, and a batch that a window leaves when it finishes
+    first (silence): each window's tokens and log-probability are what it gives alone."""
     mels = torch.stack([dw.log_mel_spectrogram(a, padding=dw.N_SAMPLES)[:, :dw.N_FRAMES] for a in
                         (jfk_audio, np.zeros(5 * SR, np.float32), long_audio[: 25 * SR], jfk_audio[3 * SR:])])
     base = dw.KVCache(tiny_en, dw.encode_audio(tiny_en, mels), 1)
     options = dw.DecodingOptions(temperature=0.0)
     tokenizer = dw.get_tokenizer(tiny_en)
     alone = [dw.decode_windows(tiny_en, tokenizer, base, [i], options, ["en"])[0] for i in range(4)]
-    subset = base.rows([0, 2, 3], 1)
-    k = subset.cross[0][0][0]
-    assert isinstance(k, list) and [len(p) for p in k] == [1, 2] and k[0].data_ptr() == base.full[0][0][0].data_ptr()
     together = dw.decode_windows(tiny_en, tokenizer, base, [0, 1, 2, 3], options, ["en"] * 4)  # window 1 (silence) ends first
     picked = dw.decode_windows(tiny_en, tokenizer, base, [0, 2, 3], options, ["en"] * 3)
     for got, rows in ((together, [0, 1, 2, 3]), (picked, [0, 2, 3])):
