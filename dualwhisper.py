@@ -125,45 +125,66 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
 TOKENS_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)  # 50 encoder positions (20 ms each) a second
 
 
-def resample(audio, orig_sr, new_sr=SAMPLE_RATE, width=16, rolloff=0.945):
-    """Band-limited resampling of a float array (..., n) by windowed-sinc polyphase filtering.
-    For each of the `new` output phases of a ratio new/orig (reduced by their gcd) one Hann-windowed
-    sinc kernel is built; a strided conv1d then produces all phases at once."""
+def resample(audio, orig_sr, new_sr=SAMPLE_RATE):
+    """Band-limited resampling of float samples (..., n), numpy or torch, with soxr (the SoX
+    resampler at its high quality). Returns float32."""
     if orig_sr == new_sr:
         return audio
-    is_numpy = isinstance(audio, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)) if is_numpy else audio.float()
-    g = math.gcd(int(orig_sr), int(new_sr))
-    orig, new = int(orig_sr) // g, int(new_sr) // g
-    cutoff = min(orig, new) * rolloff  # in units where the output rate is `new`
-    half = math.ceil(width * orig / cutoff)  # kernel half-length in input samples
-    idx = torch.arange(-half, half + orig, dtype=torch.float64) / orig
-    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx[None]) * cutoff
-    t = t.clamp(-width, width)
-    window = torch.cos(t * math.pi / width / 2) ** 2
-    kernels = torch.sinc(t) * window * (cutoff / orig)  # (new, K)
+    import soxr
+
+    is_tensor = torch.is_tensor(audio)
+    x = audio.detach().float().cpu().numpy() if is_tensor else np.asarray(audio, dtype=np.float32)
     shape = x.shape
-    x = x.reshape(-1, 1, shape[-1])
-    x = F.pad(x, (half, half + orig))
-    y = F.conv1d(x, kernels.to(x.dtype)[:, None], stride=orig)  # (B, new, L)
-    y = y.transpose(1, 2).reshape(*shape[:-1], -1)
-    y = y[..., : math.ceil(new * shape[-1] / orig)]
-    return y.numpy() if is_numpy else y
+    y = soxr.resample(np.ascontiguousarray(x.reshape(-1, shape[-1]).T), orig_sr, new_sr)  # (n, rows) in, (m, rows) out
+    y = np.ascontiguousarray(y.T).reshape(*shape[:-1], -1)
+    return torch.from_numpy(y).to(audio.device) if is_tensor else y
+
+
+def decode_with_av(source):
+    """(float32 mono samples, sample rate) of a file or file object through PyAV, whose wheels carry
+    ffmpeg's libraries: the containers and codecs soundfile does not read (m4a, mp4, webm, ...).
+    Raises ImportError when PyAV is not installed, ValueError when it cannot decode the source."""
+    import av
+
+    try:
+        with av.open(source) as container:
+            if not container.streams.audio:
+                raise ValueError("it has no audio stream")
+            planar = av.AudioResampler(format="fltp")  # float32, the stream's own channels and rate
+            chunks, sr = [], container.streams.audio[0].rate
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray() for f in planar.resample(frame)]  # (channels, n) each
+            chunks += [f.to_ndarray() for f in planar.resample(None)]
+    except av.FFmpegError as e:
+        raise ValueError(e.strerror or type(e).__name__) from None  # without the path, which the caller names
+    if not chunks:
+        return np.zeros(0, np.float32), sr
+    return np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32), sr
 
 
 def load_audio(path, sr=SAMPLE_RATE):
-    """Read an audio file with soundfile (wav, flac, ogg, mp3, ...), mix to mono and resample to `sr`.
+    """Read an audio file, mix to mono and resample to `sr`. soundfile reads wav, flac, ogg and
+    mp3; other formats (m4a, mp4, webm, ...) go through PyAV when it is installed.
     Returns float32 numpy samples in [-1, 1]."""
     import soundfile as sf
 
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"audio file {path} is empty (0 bytes)")
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
+        audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError with terse messages
-        raise ValueError(f"cannot decode audio file {path}: {str(e).strip() or type(e).__name__}") from None
-    audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        why = str(e).strip().removeprefix(f"Error opening {path!r}: ") or type(e).__name__
+        try:
+            audio, file_sr = decode_with_av(path)
+        except ImportError:
+            raise ValueError(f"cannot decode audio file {path} ({why}): for m4a, mp4, webm and the other formats "
+                             "that ffmpeg reads, install PyAV: pip install av") from None
+        except ValueError as e2:
+            raise ValueError(f"cannot decode audio file {path}: {e2} (soundfile: {why})") from None
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return np.ascontiguousarray(resample(audio, file_sr, sr), dtype=np.float32)

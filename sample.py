@@ -180,7 +180,7 @@ def evaluate(model, args, options):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("audio", nargs="*", help="audio files to transcribe (anything soundfile reads: wav, flac, ogg, mp3, ...)")
+    p.add_argument("audio", nargs="*", help="audio files to transcribe (wav, flac, ogg, mp3; m4a, mp4, webm and the rest of what ffmpeg reads with PyAV installed)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="official name (tiny.en, small, large-v3, turbo, ...), Hugging Face id, local "
                                                          "checkpoint folder, OpenAI .pt file, or a train.py output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
