@@ -2257,74 +2257,25 @@ def format_timestamp(seconds, always_include_hours=False, decimal_marker="."):
 
 
 # -----------------------------------------------------------------------------
-# text normalisation for word error rates: Whisper-style, so that "Mr. Smith said twenty-five
-# percent!" and "mister smith said 25%" count as the same words
-
-_FILLERS = {"uh", "um", "uhm", "umm", "er", "erm", "ah", "eh", "hmm", "hm", "mm", "mmm", "mhm", "huh"}
-_CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"),
-                 (r"\blet's\b", "let us"), (r"\bain't\b", "is not"), (r"\bgonna\b", "going to"),
-                 (r"\bwanna\b", "want to"), (r"\bgotta\b", "got to"), (r"n't\b", " not"), (r"'re\b", " are"),
-                 (r"'ll\b", " will"), (r"'ve\b", " have"), (r"'m\b", " am"), (r"'d\b", " would")]
-_TITLES = {"mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "prof": "professor", "st": "saint",
-           "jr": "junior", "sr": "senior", "vs": "versus"}
-_SMALL = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                                     "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
-_SMALL.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
-_SCALES = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+# text normalisation for word error rates
 
 
-def _spoken_numbers(words):
-    """Spelled-out cardinals to digits: "two hundred and five" -> "205", "one two" -> "1 2"."""
-    out, total, part, active = [], 0, 0, False
+@lru_cache(maxsize=None)
+def _text_normalizer(english):
+    if english:
+        from whisper_normalizer.english import EnglishTextNormalizer
 
-    def flush():
-        nonlocal total, part, active
-        if active:
-            out.append(str(total + part))
-        total, part, active = 0, 0, False
+        return EnglishTextNormalizer()
+    from whisper_normalizer.basic import BasicTextNormalizer
 
-    for i, w in enumerate(words):
-        nxt = words[i + 1] if i + 1 < len(words) else ""
-        if w in _SMALL:
-            v = _SMALL[w]
-            fits = part % 100 == 0 or (part % 100 >= 20 and part % 10 == 0 and v < 10)
-            if active and not (fits and (part or total)):
-                flush()
-            part, active = part + v, True
-        elif w == "hundred" and active and part % 100:
-            part = part * 100
-        elif w in _SCALES and active and total % (_SCALES[w] * 1000) == 0:  # larger scales first
-            total, part = total + part * _SCALES[w], 0
-        elif w == "and" and active and (nxt in _SMALL):
-            continue
-        else:
-            flush()
-            out.append(w)
-    flush()
-    return out
+    return BasicTextNormalizer()
 
 
 def normalize_text(text, english=True):
-    """Lower case, no punctuation, bracketed asides and fillers removed, contractions expanded,
-    spelled numbers as digits (English); for other languages only case, brackets and
-    punctuation, with letters and their diacritics kept."""
-    import re
-    import unicodedata
-
-    s = text.lower().replace("\u2019", "'").replace("\u2018", "'")
-    s = re.sub(r"[<\[][^>\]]*[>\]]|\([^)]*\)", " ", s)  # [music], <unk>, (laughs)
-    if not english:
-        s = "".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in unicodedata.normalize("NFC", s))
-        return " ".join(s.split())
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    for pattern, replacement in _CONTRACTIONS:
-        s = re.sub(pattern, replacement, s)
-    s = re.sub(r"(\d),(?=\d{3}\b)", r"\1", s)  # 1,000 -> 1000
-    s = re.sub(r"(\d)\.(?=\d)", r"\1<point>", s)  # keep decimal points
-    s = re.sub(r"\bper cent\b", "percent", s.replace("%", " percent "))
-    s = re.sub(r"[^a-z0-9<>' ]+", " ", s.replace("-", " ").replace("&", " and ")).replace("'", "")
-    words = [_TITLES.get(w, w) for w in s.split() if w not in _FILLERS]
-    s = " ".join(_spoken_numbers(words)).replace("<point>", ".")
-    s = re.sub(r"\b(\d+) point ((?:\d )*\d)\b", lambda m: m[1] + "." + m[2].replace(" ", ""), s)
-    s = re.sub(r"\b([\d.]+) percent\b", r"\1%", s)
-    return " ".join(s.split())
+    """Text as Whisper's own evaluations compare it, so that word error rates compare with
+    published ones: openai-whisper's EnglishTextNormalizer (case, punctuation, fillers, contractions,
+    titles, British spellings, spoken numbers and currencies as digits), or for other languages its
+    BasicTextNormalizer (case, bracketed asides and symbols; letters and their diacritics kept).
+    They come from the whisper-normalizer package, which carries openai-whisper's normalisers
+    without the rest of it."""
+    return " ".join(_text_normalizer(bool(english))(text).split())
