@@ -7,6 +7,7 @@ The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_pos
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """
 
+import argparse
 import copy
 import ctypes
 import json
@@ -1343,6 +1344,14 @@ TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "special_tokens_map.json", "normalizer.json", "generation_config.json", "preprocessor_config.json"]
 
 
+def plain_mode(folder=False):
+    """The mode that open() gives a new file (mkdir a new folder) under this process's umask, for
+    files made under temporary names, which tempfile creates private (0600, 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def save_model(model, folder, extra=None):
     """Save our model as model.safetensors plus config.json (dimensions and `extra`, e.g. the
     training config), with the tokenizer and generation files of the model it came from, so that
@@ -1358,8 +1367,10 @@ def save_model(model, folder, extra=None):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
+        tmp.chmod(plain_mode(folder=True))
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "model.safetensors").chmod(plain_mode())  # safetensors creates it 0600
         cfg = {"model_type": "dualwhisper", "dims": asdict(model.dims), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if model.source_dir is not None and Path(model.source_dir).resolve() != folder.resolve():
@@ -2279,3 +2290,19 @@ def normalize_text(text, english=True):
     They come from the whisper-normalizer package, which carries openai-whisper's normalisers
     without the rest of it."""
     return " ".join(_text_normalizer(bool(english))(text).split())
+
+
+# -----------------------------------------------------------------------------
+# the scripts' command lines
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default after its text, unless the text gives it already or
+    there is none to give (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default in ([], "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"

@@ -47,7 +47,7 @@ class TrainError(Exception):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="a TOML or JSON file of flag values, e.g. max_iters = 5000 (data, never executed); "
                                     "flags given on the command line win")
@@ -73,8 +73,8 @@ def get_parser():
     g.add_argument("--lr_decay_iters", type=int, default=None, help="steps of cosine decay (default max_iters)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay of linear and conv weights (never norms, "
                                                                     "biases, embeddings or gates)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses in a row (each is skipped)")
     g = p.add_argument_group("noise augmentation (on the device, drawn per clip from the seed and its data position)")
