@@ -1254,8 +1254,8 @@ def _resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file"
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(
-            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); pass a local folder with "
-            f"{needs} instead, e.g. --model ../shared/models/whisper-tiny.en") from None
+            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); give a local folder with "
+            f"{needs} instead, e.g. ../shared/models/whisper-tiny.en") from None
 
 
 def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True):

@@ -527,9 +527,6 @@ def run(args):
         if latest is not None and not args.resume and not args.eval_only:
             raise TrainError(f"{out_dir} already holds a run ({latest.name}/); pass --resume to continue it, or another --out_dir")
         config = {k: v for k, v in vars(args).items() if k not in ("config",)}
-        if master:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            print("config:", json.dumps(config), flush=True)
 
         # ---- data
         train_split = PreparedSplit(args.data, "train")
@@ -546,7 +543,10 @@ def run(args):
         # ---- model
         resume = latest if args.resume else None
         torch.manual_seed(args.seed)  # new dual-attention parts are drawn from the seed: the same on every rank
-        model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
+        try:
+            model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            raise TrainError(f"{resume or '--init_from ' + str(args.init_from)}: {e}") from None
         tokenizer = dw.get_tokenizer(model)
         frozen = parse_freeze(args.freeze)
         for name, p in model.named_parameters():
@@ -582,6 +582,9 @@ def run(args):
 
     # ---- optimizer, precision, compile, DDP
     optimizer = configure_optimizer(model, args, device_type)
+    if master:  # the settings, data and model are good: now the run folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print("config:", json.dumps(config), flush=True)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -638,6 +641,8 @@ def run(args):
     def run_eval():
         if len(eval_clips) == 0:
             return {}
+        if master:
+            print(f"eval at step {iter_num}: {len(eval_clips)} clips, {', '.join(conditions)} ...", flush=True)
         results, examples = evaluate(raw_model, tokenizer, val_split, conditions, eval_clips, micro_batch, autocast, rank, world_size, device)
         gates.clear()  # the hooks saw the evaluation's forward passes too
         line = " | ".join(f"{k}: loss {v['loss']:.3f} WER {100 * v['wer']:.1f}% CER {100 * v['cer']:.1f}%" for k, v in results.items())
@@ -656,10 +661,11 @@ def run(args):
 
     # ---- the loop
     model.train()
-    start_iter, t_train, n_timed = iter_num, 0.0, 0
+    start_iter, t_train, n_timed, t_eval = iter_num, 0.0, 0, 0.0
     while True:
         # evaluate and save every eval_interval steps and at the end; not again at the step a run resumed from
         if (iter_num % args.eval_interval == 0 or iter_num == args.max_iters) and not (resume is not None and iter_num == start_iter):
+            t_eval = time.perf_counter()
             results = run_eval()
             improved = False
             if results:
@@ -675,6 +681,7 @@ def run(args):
                 if improved:
                     save("best", results)
                 save("latest", results, rngs)
+            t_eval = time.perf_counter() - t_eval  # the last evaluation and its checkpoints, for the ETA
         if iter_num >= args.max_iters:
             break
 
@@ -751,10 +758,11 @@ def run(args):
             t_train, n_timed = t_train + dt, n_timed + 1
         if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
             per_step = t_train / n_timed if n_timed else dt
-            eta = per_step * (args.max_iters - iter_num)
+            evals_left = args.max_iters // args.eval_interval - (iter_num - 1) // args.eval_interval + int(args.max_iters % args.eval_interval > 0)
+            eta = per_step * (args.max_iters - iter_num) + t_eval * evals_left
             record = {"event": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "gate": gate_value if gates else None, "gate_abs": gate_abs if gates else None,
-                      "samples_per_s": args.batch_size / per_step, "skipped": bad_total}
+                      "samples_per_s": args.batch_size / per_step, "skipped": bad_total, "eta_s": eta}
             log(record, f"step {iter_num}/{args.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}"
                         + (f", gate {gate_value:+.3f} (|g| {gate_abs:.3f})" if gates else "")
                         + f", {args.batch_size / per_step:.2f} samples/s, eta {eta / 60:.1f} min")

@@ -2,9 +2,11 @@
 
 import argparse
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -87,3 +89,52 @@ def test_passing_tests_leave_nothing_in_the_temp_folder(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     left = [p for p in root.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in left) < 1 << 16, left
+
+
+# -----------------------------------------------------------------------------
+# train.py at its edges (fixtures and helpers of test_train.py: a tiny random model, jfk.flac pieces)
+
+from test_train import corpus, quick, records, tiny_dir, tokenizer, train_main  # noqa: E402,F401
+
+
+def test_train_start_that_fails_leaves_no_run_folder(tmp_path, corpus, tiny_dir, capsys, monkeypatch):
+    """Bad settings, missing data or a model that cannot be loaded: one line that names the flag to
+    fix, no run folder left behind, and no config line printed first."""
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("the hub cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    cases = [(["--data", tmp_path / "nowhere"], "no prepared split"), (["--init_from", tmp_path / "missing"], "--init_from"),
+             (["--init_from", "someone/no-such-model"], "--init_from someone/no-such-model: cannot download"),
+             (["--plain", "--freeze", "base"], "nothing to train"), (["--noise", "rain:0.5"], "unknown kind")]
+    for extra, message in cases:
+        out = tmp_path / "run"
+        with pytest.raises(SystemExit) as e:
+            train_main(quick(corpus, tiny_dir, out, "--max_iters", 1, *extra))
+        captured = capsys.readouterr()
+        assert e.value.code == 2 and message in captured.err and "--model" not in captured.err, (extra, captured.err)
+        assert "config:" not in captured.out and not out.exists(), extra
+
+
+def test_evaluations_say_so_and_count_in_the_eta(tmp_path, corpus, tiny_dir, capsys, monkeypatch):
+    import train
+
+    slow = 0.5
+    evaluate = train.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(slow)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    out = tmp_path / "run"
+    train_main(quick(corpus, tiny_dir, out, "--max_iters", 4, "--eval_interval", 2, "--eval_samples", 2, "--eval_snr"))
+    lines = capsys.readouterr().out.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"eval at step \d: 2 clips, clean \.\.\.", line)]
+    results = [i for i, line in enumerate(lines) if line.startswith("eval at step") and "WER" in line]
+    assert len(starts) == len(results) == 3 and all(a < b for a, b in zip(starts, results))  # steps 0, 2 and 4
+    eta = {r["iter"]: r["eta_s"] for r in records(out, "train")}
+    # evaluations still to come after steps 1, 2, 3 and 4: at 2 and 4, at 2 and 4, at 4, at 4
+    assert eta[1] >= 2 * slow and eta[2] >= 2 * slow and slow <= eta[3] < eta[2] and eta[4] >= slow, eta
