@@ -8,6 +8,7 @@ The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_pos
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """
 
+import argparse
 import copy
 import json
 import math
@@ -467,45 +468,66 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
 TOKENS_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)  # 50 encoder positions (20 ms each) a second
 
 
-def resample(audio, orig_sr, new_sr=SAMPLE_RATE, width=16, rolloff=0.945):
-    """Band-limited resampling of a float array (..., n) by windowed-sinc polyphase filtering.
-    For each of the `new` output phases of a ratio new/orig (reduced by their gcd) one Hann-windowed
-    sinc kernel is built; a strided conv1d then produces all phases at once."""
+def resample(audio, orig_sr, new_sr=SAMPLE_RATE):
+    """Band-limited resampling of float samples (..., n), numpy or torch, with soxr (the SoX
+    resampler at its high quality). Returns float32."""
     if orig_sr == new_sr:
         return audio
-    is_numpy = isinstance(audio, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)) if is_numpy else audio.float()
-    g = math.gcd(int(orig_sr), int(new_sr))
-    orig, new = int(orig_sr) // g, int(new_sr) // g
-    cutoff = min(orig, new) * rolloff  # in units where the output rate is `new`
-    half = math.ceil(width * orig / cutoff)  # kernel half-length in input samples
-    idx = torch.arange(-half, half + orig, dtype=torch.float64) / orig
-    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx[None]) * cutoff
-    t = t.clamp(-width, width)
-    window = torch.cos(t * math.pi / width / 2) ** 2
-    kernels = torch.sinc(t) * window * (cutoff / orig)  # (new, K)
+    import soxr
+
+    is_tensor = torch.is_tensor(audio)
+    x = audio.detach().float().cpu().numpy() if is_tensor else np.asarray(audio, dtype=np.float32)
     shape = x.shape
-    x = x.reshape(-1, 1, shape[-1])
-    x = F.pad(x, (half, half + orig))
-    y = F.conv1d(x, kernels.to(x.dtype)[:, None], stride=orig)  # (B, new, L)
-    y = y.transpose(1, 2).reshape(*shape[:-1], -1)
-    y = y[..., : math.ceil(new * shape[-1] / orig)]
-    return y.numpy() if is_numpy else y
+    y = soxr.resample(np.ascontiguousarray(x.reshape(-1, shape[-1]).T), orig_sr, new_sr)  # (n, rows) in, (m, rows) out
+    y = np.ascontiguousarray(y.T).reshape(*shape[:-1], -1)
+    return torch.from_numpy(y).to(audio.device) if is_tensor else y
+
+
+def decode_with_av(source):
+    """(float32 mono samples, sample rate) of a file or file object through PyAV, whose wheels carry
+    ffmpeg's libraries: the containers and codecs soundfile does not read (m4a, mp4, webm, ...).
+    Raises ImportError when PyAV is not installed, ValueError when it cannot decode the source."""
+    import av
+
+    try:
+        with av.open(source) as container:
+            if not container.streams.audio:
+                raise ValueError("it has no audio stream")
+            planar = av.AudioResampler(format="fltp")  # float32, the stream's own channels and rate
+            chunks, sr = [], container.streams.audio[0].rate
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray() for f in planar.resample(frame)]  # (channels, n) each
+            chunks += [f.to_ndarray() for f in planar.resample(None)]
+    except av.FFmpegError as e:
+        raise ValueError(e.strerror or type(e).__name__) from None  # without the path, which the caller names
+    if not chunks:
+        return np.zeros(0, np.float32), sr
+    return np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32), sr
 
 
 def load_audio(path, sr=SAMPLE_RATE):
-    """Read an audio file with soundfile (wav, flac, ogg, mp3, ...), mix to mono and resample to `sr`.
+    """Read an audio file, mix to mono and resample to `sr`. soundfile reads wav, flac, ogg and
+    mp3; other formats (m4a, mp4, webm, ...) go through PyAV when it is installed.
     Returns float32 numpy samples in [-1, 1]."""
     import soundfile as sf
 
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"audio file {path} is empty (0 bytes)")
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
+        audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError with terse messages
-        raise ValueError(f"cannot decode audio file {path}: {str(e).strip() or type(e).__name__}") from None
-    audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        why = str(e).strip().removeprefix(f"Error opening {path!r}: ") or type(e).__name__
+        try:
+            audio, file_sr = decode_with_av(path)
+        except ImportError:
+            raise ValueError(f"cannot decode audio file {path} ({why}): for m4a, mp4, webm and the other formats "
+                             "that ffmpeg reads, install PyAV: pip install av") from None
+        except ValueError as e2:
+            raise ValueError(f"cannot decode audio file {path}: {e2} (soundfile: {why})") from None
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return np.ascontiguousarray(resample(audio, file_sr, sr), dtype=np.float32)
@@ -913,8 +935,8 @@ def resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file",
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(
-            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); pass a local folder with "
-            f"{needs} instead, e.g. --model ../shared/models/whisper-tiny.en") from None
+            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); give a local folder with "
+            f"{needs} instead, e.g. ../shared/models/whisper-tiny.en") from None
 
 
 def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True, gate=None, branch2=None):
@@ -1010,6 +1032,14 @@ TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "special_tokens_map.json", "normalizer.json", "generation_config.json", "preprocessor_config.json"]
 
 
+def plain_mode(folder=False):
+    """The mode that open() gives a new file (mkdir a new folder) under this process's umask, for
+    files made under temporary names, which tempfile creates private (0600, 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def save_model(model, folder, extra=None):
     """Save our model as model.safetensors plus config.json (dimensions and `extra`, e.g. the
     training config), with the tokenizer and generation files of the model it came from, so that
@@ -1025,8 +1055,10 @@ def save_model(model, folder, extra=None):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
+        tmp.chmod(plain_mode(folder=True))
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "model.safetensors").chmod(plain_mode())  # safetensors creates it 0600
         cfg = {"model_type": "dualwhisper", "dims": asdict(model.dims), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if model.source_dir is not None and Path(model.source_dir).resolve() != folder.resolve():
@@ -1894,77 +1926,44 @@ def format_timestamp(seconds, always_include_hours=False, decimal_marker="."):
 
 
 # -----------------------------------------------------------------------------
-# text normalisation for word error rates: Whisper-style, so that "Mr. Smith said twenty-five
-# percent!" and "mister smith said 25%" count as the same words
-
-_FILLERS = {"uh", "um", "uhm", "umm", "er", "erm", "ah", "eh", "hmm", "hm", "mm", "mmm", "mhm", "huh"}
-_CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"),
-                 (r"\blet's\b", "let us"), (r"\bain't\b", "is not"), (r"\bgonna\b", "going to"),
-                 (r"\bwanna\b", "want to"), (r"\bgotta\b", "got to"), (r"n't\b", " not"), (r"'re\b", " are"),
-                 (r"'ll\b", " will"), (r"'ve\b", " have"), (r"'m\b", " am"), (r"'d\b", " would")]
-_TITLES = {"mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "prof": "professor", "st": "saint",
-           "jr": "junior", "sr": "senior", "vs": "versus"}
-_SMALL = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                                     "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
-_SMALL.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
-_SCALES = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+# text normalisation for word error rates
 
 
-def _spoken_numbers(words):
-    """Spelled-out cardinals to digits: "two hundred and five" -> "205", "one two" -> "1 2"."""
-    out, total, part, active = [], 0, 0, False
+@lru_cache(maxsize=None)
+def _text_normalizer(english):
+    if english:
+        from whisper_normalizer.english import EnglishTextNormalizer
 
-    def flush():
-        nonlocal total, part, active
-        if active:
-            out.append(str(total + part))
-        total, part, active = 0, 0, False
+        return EnglishTextNormalizer()
+    from whisper_normalizer.basic import BasicTextNormalizer
 
-    for i, w in enumerate(words):
-        nxt = words[i + 1] if i + 1 < len(words) else ""
-        if w in _SMALL:
-            v = _SMALL[w]
-            fits = part % 100 == 0 or (part % 100 >= 20 and part % 10 == 0 and v < 10)
-            if active and not (fits and (part or total)):
-                flush()
-            part, active = part + v, True
-        elif w == "hundred" and active and part % 100:
-            part = part * 100
-        elif w in _SCALES and active and total % (_SCALES[w] * 1000) == 0:  # larger scales first
-            total, part = total + part * _SCALES[w], 0
-        elif w == "and" and active and (nxt in _SMALL):
-            continue
-        else:
-            flush()
-            out.append(w)
-    flush()
-    return out
+    return BasicTextNormalizer()
 
 
 def normalize_text(text, english=True):
-    """Lower case, no punctuation, bracketed asides and fillers removed, contractions expanded,
-    spelled numbers as digits (English); for other languages only case, brackets and
-    punctuation, with letters and their diacritics kept."""
-    import re
-    import unicodedata
+    """Text as Whisper's own evaluations compare it, so that word error rates compare with
+    published ones: openai-whisper's EnglishTextNormalizer (case, punctuation, fillers, contractions,
+    titles, British spellings, spoken numbers and currencies as digits), or for other languages its
+    BasicTextNormalizer (case, bracketed asides and symbols; letters and their diacritics kept).
+    They come from the whisper-normalizer package, which carries openai-whisper's normalisers
+    without the rest of it."""
+    return " ".join(_text_normalizer(bool(english))(text).split())
 
-    s = text.lower().replace("\u2019", "'").replace("\u2018", "'")
-    s = re.sub(r"[<\[][^>\]]*[>\]]|\([^)]*\)", " ", s)  # [music], <unk>, (laughs)
-    if not english:
-        s = "".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in unicodedata.normalize("NFC", s))
-        return " ".join(s.split())
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    for pattern, replacement in _CONTRACTIONS:
-        s = re.sub(pattern, replacement, s)
-    s = re.sub(r"(\d),(?=\d{3}\b)", r"\1", s)  # 1,000 -> 1000
-    s = re.sub(r"(\d)\.(?=\d)", r"\1<point>", s)  # keep decimal points
-    s = re.sub(r"\bper cent\b", "percent", s.replace("%", " percent "))
-    s = re.sub(r"[^a-z0-9<>' ]+", " ", s.replace("-", " ").replace("&", " and ")).replace("'", "")
-    words = [_TITLES.get(w, w) for w in s.split() if w not in _FILLERS]
-    s = " ".join(_spoken_numbers(words)).replace("<point>", ".")
-    s = re.sub(r"\b(\d+) point ((?:\d )*\d)\b", lambda m: m[1] + "." + m[2].replace(" ", ""), s)
-    s = re.sub(r"\b([\d.]+) percent\b", r"\1%", s)
-    return " ".join(s.split())
+
+# -----------------------------------------------------------------------------
+# the scripts' command lines
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default after its text, unless the text gives it already or
+    there is none to give (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default in ([], "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
 
 
 # -----------------------------------------------------------------------------

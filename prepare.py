@@ -440,10 +440,13 @@ def audio_files(folder):
 class LocalSource:
     """A folder of audio files with a manifest (a JSON list, JSON lines, CSV or TSV with columns path,
     text and optionally language and id; paths relative to the manifest), or a .txt transcript beside
-    each audio file. `path` is the folder or the manifest itself."""
+    each audio file. `path` is the folder or the manifest itself; `audio_dir`, when given, is the
+    folder that the manifest's paths are relative to instead."""
 
-    def __init__(self, path):
+    def __init__(self, path, audio_dir=None):
         path = Path(path).expanduser()
+        if audio_dir is not None and not Path(audio_dir).expanduser().is_dir():
+            raise PrepareError(f"audio folder not found: {audio_dir}")
         if path.is_dir():
             manifests = sorted(p for p in path.iterdir() if p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file())
             if len(manifests) > 1:
@@ -456,10 +459,14 @@ class LocalSource:
             self.manifest, self.root = path, path.parent
         else:
             raise PrepareError(f"input not found: {path}")
+        if audio_dir is not None:
+            self.root = Path(audio_dir).expanduser()
         self.has_language = False
         if self.manifest is not None:
             self.description = str(self.manifest)
             self.signature = {"manifest": str(self.manifest.resolve()), "sha1": _sha1_of_file(self.manifest)}
+            if audio_dir is not None:
+                self.signature["audio_dir"] = str(self.root.resolve())
             self.columns = self._columns()
             self.has_language = self.columns["language"] is not None
         else:
@@ -991,10 +998,12 @@ def make_demo_noise(folder, speech_files, seconds=40, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
     src = parser.add_argument_group("sources (one speech source, and/or --noise_dir)")
-    src.add_argument("--input", help="a folder of audio files with one manifest (JSON list, JSON lines, CSV, TSV: path, text, "
+    src.add_argument("--input", "--audio_dir", dest="input", help="a folder of audio files with one manifest (JSON list, JSON lines, CSV, TSV: path, text, "
                                      "optional language, id) or a .txt transcript beside each file; or the manifest itself")
+    src.add_argument("--transcripts", metavar="MANIFEST", help="the manifest to read, when it is not in the --input folder: "
+                                                               "its paths are relative to that folder")
     src.add_argument("--hf_dataset", help="a Hugging Face dataset id (e.g. LocalDoc/azerbaijani_asr) or a local folder of its parquet shards")
     src.add_argument("--hf_split", default="train", help="which shards: those whose path names this split")
     src.add_argument("--hf_audio_column", default="audio", help="column of encoded audio ({bytes, path} structs or bytes)")
@@ -1006,12 +1015,13 @@ def main(argv=None):
     src.add_argument("--demo", action="store_true", help="synthesise a small English (and, with a multilingual --model, Azerbaijani) "
                                                          "corpus and noise bank with espeak-ng and prepare them (default --out data/demo)")
     src.add_argument("--demo_sentences", type=int, default=None, help="speak only the first N demo sentences of each language")
-    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--out", "--output_dir", dest="out", help="output folder")
     parser.add_argument("--model", "--tokenizer", dest="model", default=DEFAULT_MODEL,
                         help="the model whose tokenizer to use: a folder, an official name (tiny.en, small) or a hub id")
     parser.add_argument("--language", default=None, help="language of every clip without its own (code or name, e.g. az); "
                                                          "English for an English-only tokenizer")
-    parser.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    parser.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
+                        help="the task token of every clip (translate: its transcript is English, whatever it speaks)")
     parser.add_argument("--val_fraction", type=float, default=None, help="fraction of utterance ids for validation, chosen by hash "
                                                                           f"(default 0.02; {DEMO_VAL_FRACTION} for --demo)")
     parser.add_argument("--max_seconds", type=float, default=dw.CHUNK_LENGTH, help="drop clips longer than this")
@@ -1021,9 +1031,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        if sum(map(bool, (args.input, args.hf_dataset, args.demo))) > 1:
+        if sum(map(bool, (args.input or args.transcripts, args.hf_dataset, args.demo))) > 1:
             raise PrepareError("give one speech source: --input, --hf_dataset or --demo")
-        if not (args.input or args.hf_dataset or args.demo or args.noise_dir):
+        if args.transcripts and not Path(args.transcripts).is_file():
+            raise PrepareError(f"--transcripts {args.transcripts}: no such file")
+        if not (args.input or args.transcripts or args.hf_dataset or args.demo or args.noise_dir):
             raise PrepareError("nothing to prepare: give --input, --hf_dataset, --noise_dir or --demo (see --help)")
         out = args.out or ("data/demo" if args.demo else None)
         if out is None:
@@ -1041,10 +1053,12 @@ def main(argv=None):
             prepare_speech(out, LocalSource(manifest), **speech, **common)
             prepare_noise(out, args.noise_dir or noise, **common)
         else:
-            if args.input or args.hf_dataset:
-                source = LocalSource(args.input) if args.input else ParquetSource(
-                    args.hf_dataset, args.hf_split, args.hf_audio_column, args.hf_text_column, args.hf_id_column,
-                    args.hf_language_column, args.hf_revision)
+            if args.input or args.transcripts or args.hf_dataset:
+                if args.hf_dataset:
+                    source = ParquetSource(args.hf_dataset, args.hf_split, args.hf_audio_column, args.hf_text_column,
+                                           args.hf_id_column, args.hf_language_column, args.hf_revision)
+                else:  # --transcripts: a manifest kept apart from the audio folder
+                    source = LocalSource(args.transcripts or args.input, audio_dir=args.input if args.transcripts else None)
                 prepare_speech(out, source, **speech, **common)
             if args.noise_dir:
                 prepare_noise(out, args.noise_dir, **common)

@@ -35,6 +35,7 @@ def write_atomic(path, text):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, dw.plain_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -179,8 +180,8 @@ def evaluate(model, args, options):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("audio", nargs="*", help="audio files to transcribe (anything soundfile reads: wav, flac, ogg, mp3, ...)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
+    p.add_argument("audio", nargs="*", help="audio files to transcribe (wav, flac, ogg, mp3; m4a, mp4, webm and the rest of what ffmpeg reads with PyAV installed)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="official name (tiny.en, small, large-v3, turbo, ...), Hugging Face id, local "
                                                          "checkpoint folder, OpenAI .pt file, or a train.py output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

@@ -387,12 +387,3 @@ def test_eval_noise_folder_and_a_set_without_texts(tiny_en_dir, jfk_audio, tmp_p
     assert sample.main(["--eval", str(tmp_path / "prepared"), "--model", str(tiny_en_dir)]) == 2
     assert "no clip has a reference text" in capsys.readouterr().err
 
-
-def test_normalizer():
-    n = dw.normalize_text
-    assert n("Mr. Smith said: twenty-five percent!") == n("mister smith said 25%") == "mister smith said 25%"
-    assert n("I can't go (laughs) [music] uh, it's 1,000 dollars") == "i can not go its 1000 dollars"
-    assert n("two thousand and twenty one, three point five") == "2021 3.5"
-    assert n("one two three") == "1 2 3"
-    assert n("Café — naïve") == "cafe naive"
-    assert n("Salam, necəsən? Yaxşıyam!", english=False) == "salam necəsən yaxşıyam"
