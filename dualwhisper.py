@@ -1950,6 +1950,39 @@ def normalize_text(text, english=True):
     return " ".join(_text_normalizer(bool(english))(text).split())
 
 
+ERROR_COUNTS = ("word_errors", "words", "char_errors", "chars")
+
+
+def error_counts(refs, hyps, languages=None):
+    """Word and character errors of transcripts against references, both normalised with
+    normalize_text (English rules where a clip's language is English or unknown): a dict of
+    ERROR_COUNTS summed over the clips, so that shares of a set (ranks, batches) add up. A
+    reference with no words has no error rate and is left out; "clips" counts the others."""
+    import jiwer
+
+    out = dict.fromkeys(ERROR_COUNTS, 0)
+    out["clips"] = 0
+    for i, (ref, hyp) in enumerate(zip(refs, hyps)):
+        english = languages is None or languages[i] in (None, "en")
+        ref, hyp = normalize_text(ref or "", english), normalize_text(hyp or "", english)
+        if not ref:
+            continue
+        w, c = jiwer.process_words(ref, hyp), jiwer.process_characters(ref, hyp)
+        out["word_errors"] += w.substitutions + w.deletions + w.insertions
+        out["words"] += w.hits + w.substitutions + w.deletions
+        out["char_errors"] += c.substitutions + c.deletions + c.insertions
+        out["chars"] += c.hits + c.substitutions + c.deletions
+        out["clips"] += 1
+    return out
+
+
+def error_rates(counts):
+    """(WER, CER) of summed error_counts; nan for a set without words."""
+    wer = counts["word_errors"] / counts["words"] if counts["words"] else float("nan")
+    cer = counts["char_errors"] / counts["chars"] if counts["chars"] else float("nan")
+    return wer, cer
+
+
 # -----------------------------------------------------------------------------
 # the scripts' command lines
 

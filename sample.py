@@ -130,8 +130,6 @@ def noise_bank(folder):
 
 
 def evaluate(model, args, options):
-    import jiwer
-
     clips, refs, languages = read_eval_set(args.eval, args.split)
     if args.limit:
         refs, languages = refs[:args.limit], languages[:args.limit]
@@ -168,11 +166,9 @@ def evaluate(model, args, options):
             if isinstance(result, Exception):
                 raise ValueError(f"clip {i} of {args.eval}: {result}")
             hyps[i] = result["text"]
-        pairs = [(dw.normalize_text(r, english), dw.normalize_text(h, english)) for r, h in zip(refs, hyps)]
-        pairs = [(r, h) for r, h in pairs if r]  # a reference with no words has no error rate
-        wer = jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else float("nan")
-        cer = jiwer.cer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else float("nan")
-        print(f"{name:<24} {len(pairs):>6} {100 * wer:>7.2f}% {100 * cer:>7.2f}% {time.time() - t0:>8.1f}", flush=True)
+        counts = dw.error_counts(refs, hyps, languages or [None if english else "other"] * len(refs))
+        wer, cer = dw.error_rates(counts)
+        print(f"{name:<24} {counts['clips']:>6} {100 * wer:>7.2f}% {100 * cer:>7.2f}% {time.time() - t0:>8.1f}", flush=True)
 
 
 # -----------------------------------------------------------------------------
