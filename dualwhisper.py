@@ -332,12 +332,11 @@ class TextDecoder(nn.Module):
         """The final normalised states (B, T, C), before the output projection (decoding projects
         only the positions it needs)."""
         T = tokens.shape[-1]
+        # several tokens at once start at position 0 (training, a prompt); decoding goes on one at a time
         pos, mask = self.positional_embedding[offset:offset + T], "causal" if T > 1 else None
         if kv_cache is not None and kv_cache.pad is not None:  # rows left-padded to a common prompt length
             pos, mask = kv_cache.positions(offset, T)
             pos = self.positional_embedding[pos]
-        elif offset > 0 and T > 1:  # queries at offset..offset+T over every key up to theirs
-            mask = torch.ones(T, offset + T, dtype=torch.bool, device=tokens.device).tril(offset)
         x = self.token_embedding(tokens) + pos
         x = x.to(xa.dtype if xa is not None else kv_cache.dtype if kv_cache is not None else x.dtype)
         for i, block in enumerate(self.blocks):
