@@ -293,7 +293,7 @@ class PackedStream:
     format. Like Stream, it depends on the seed alone, never on ranks or batches."""
 
     def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448):
-        self.stream, self.seed, self.gap = Stream(clips, seed), seed, gap
+        self.stream, self.seed, self.gap, self.no_timestamps = Stream(clips, seed), seed, gap, no_timestamps
         self.lengths = {int(c): int(split.lengths[c]) for c in clips}
         self.prompts, self.n_text = {}, {}
         for c in self.lengths:  # the prompt (up to <|notimestamps|>) and the number of text tokens of each clip
@@ -323,7 +323,8 @@ class PackedStream:
                 w = None
             if w is None:
                 start = min(self.gap_samples(position), (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
-                w = opened[prompt] = [position, [], 0, len(prompt) + 1]  # the prompt less <|notimestamps|>, plus <|endoftext|>
+                # the prompt less <|notimestamps|>, plus <|endoftext|>
+                w = opened[prompt] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
             w[1].append((c, start))
             w[2], w[3] = start + L, w[3] + tokens
         closed += sorted(opened.values(), key=lambda w: w[0])
