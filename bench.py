@@ -3,7 +3,8 @@ bench.py: timings against baselines measured in the same run, printed as ratios.
 
   python bench.py transcribe   sample.py's transcription vs openai-whisper (and faster-whisper /
                                transformers where installed)
-  python bench.py train        training samples/s vs transformers' Whisper in the same loop
+  python bench.py train        training clips/s vs transformers' Whisper in the same loop, and packed
+                               windows (train.py --pack) vs padded clips
   python bench.py prepare      hours of audio prepared per minute, and batch read speed
   python bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
 """

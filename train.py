@@ -6,6 +6,7 @@ train.py: fine-tune dual-attention Whisper from official weights on prepared dat
   torchrun --standalone --nproc_per_node=8 train.py --data data/az ...        # one node, 8 GPUs
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
   python train.py --out_dir out/az --resume       # go on after a stop or a kill
+  python train.py --pack --batch_size 1           # windows of several clips with timestamps: several times the clips/s
 
 The file reads top to bottom: config, setup, data, model, optimizer, evaluation, then the loop.
 A run folder holds latest/ (weights plus everything a resume needs) and best/ (the best evaluation
@@ -282,6 +283,9 @@ class Stream:
         return int(self._orders[epoch][i])
 
 
+TIMESTAMP_SAMPLES = dw.SAMPLE_RATE // 50  # Whisper's timestamps step by 0.02 s
+
+
 class PackedStream:
     """Whisper's 30-second windows filled with clips of the Stream: clips of the same prompt
     (language and task) go, in stream order, into that prompt's open window, each after a gap of
@@ -296,11 +300,10 @@ class PackedStream:
         self.stream, self.seed, self.gap, self.no_timestamps = Stream(clips, seed), seed, gap, no_timestamps
         self.lengths = {int(c): int(split.lengths[c]) for c in clips}
         self.prompts, self.n_text = {}, {}
-        for c in self.lengths:  # the prompt (up to <|notimestamps|>) and the number of text tokens of each clip
+        for c in self.lengths:  # the prompt and the number of text tokens of each clip
             seq = split.tokens(c)
-            at = np.flatnonzero(seq == no_timestamps)
-            n_prompt = int(at[0]) + 1 if len(at) else 1
-            self.prompts[c], self.n_text[c] = tuple(seq[:n_prompt].tolist()), len(seq) - n_prompt - 1
+            self.prompts[c] = prompt_of(seq, no_timestamps)
+            self.n_text[c] = len(seq) - len(self.prompts[c]) - 1
         self.budget = n_text_ctx + 1  # tokens of a window's whole sequence: inputs are all but its last
         self.counts, self._epoch = [], (None, [])  # windows per packed epoch; the last epoch packed
 
@@ -367,11 +370,14 @@ def get_batch(split, indices, no_timestamps, eot, n_text_ctx, device, multiple=1
     eager mode each padding position costs time, most of all in the cross-attention)."""
     audio, seqs = split.batch(indices, dtype=np.int16)
     lengths = np.minimum(split.lengths[np.asarray(indices)], dw.N_SAMPLES)
-    prompts = []
-    for s in seqs:
-        at = np.flatnonzero(s == no_timestamps)
-        prompts.append(tuple(s[:int(at[0]) + 1 if len(at) else 1].tolist()))
+    prompts = [prompt_of(s, no_timestamps) for s in seqs]
     return to_device(audio, device), torch.as_tensor(lengths), *decoder_io(seqs, prompts, eot, n_text_ctx, device, multiple), prompts
+
+
+def prompt_of(seq, no_timestamps):
+    """The prompt that begins a clip's token sequence: up to <|notimestamps|> (start, language, task)."""
+    at = np.flatnonzero(seq == no_timestamps)
+    return tuple(seq[:int(at[0]) + 1 if len(at) else 1].tolist())
 
 
 def decoder_io(seqs, prompts, eot, n_text_ctx, device, multiple=1):
@@ -422,8 +428,6 @@ def window_batch(split, windows, tokenizer, n_text_ctx, device, multiple=1, seed
         spans.append(row)
     return to_device(audio, device), spans, *decoder_io(seqs, prompts, tokenizer.eot, n_text_ctx, device, multiple), prompts
 
-
-TIMESTAMP_SAMPLES = dw.SAMPLE_RATE // 50  # Whisper's timestamps step by 0.02 s
 
 
 def timestamp_token(tokenizer, sample, floor=False):
