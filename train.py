@@ -307,25 +307,26 @@ class PackedStream:
         self.budget = n_text_ctx + 1  # tokens of a window's whole sequence: inputs are all but its last
         self.counts, self._epoch = [], (None, [])  # windows per packed epoch; the last epoch packed
 
-    def gap_samples(self, position):
-        """The silence before the clip at this stream position, in whole timestamp steps (0.02 s)."""
-        rng = np.random.default_rng([self.seed, 3, int(position)])
-        return int(rng.uniform(*self.gap) * dw.SAMPLE_RATE) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
+    def gaps(self, epoch):
+        """The silence before each clip of an epoch in stream order, samples in whole timestamp steps (0.02 s)."""
+        seconds = np.random.default_rng([self.seed, 3, epoch]).uniform(*self.gap, size=len(self.stream.clips))
+        return (seconds * dw.SAMPLE_RATE).astype(np.int64) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
 
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)
         opened, closed = {}, []  # prompt -> [key, clips, end sample, tokens]; closed windows in order
-        for position in range(epoch * n, (epoch + 1) * n):
+        for i, gap in enumerate(self.gaps(epoch).tolist()):
+            position = epoch * n + i
             c = self.stream[position]
             prompt, L = self.prompts[c], self.lengths[c]
             tokens = self.n_text[c] + 2  # the text between its two timestamps
             w = opened.get(prompt)
-            start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + self.gap_samples(position)  # on a timestamp
+            start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + gap  # on a timestamp
             if w is not None and (start + L > dw.N_SAMPLES or w[3] + tokens > self.budget):
                 closed.append(w)
                 w = None
             if w is None:
-                start = min(self.gap_samples(position), (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
+                start = min(gap, (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
                 # the prompt less <|notimestamps|>, plus <|endoftext|>
                 w = opened[prompt] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
             w[1].append((c, start))
@@ -743,6 +744,8 @@ def run(args):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx)
               if args.pack else Stream(train_clips, args.seed))
+    if resume is not None and args.pack:
+        stream.counts = list(state.get("window_counts", []))  # so that the epochs before are not packed again
     unreadable = {}  # clip -> error, for clips that passed the checks but failed to read
 
     def load(keys, items):
@@ -776,7 +779,8 @@ def run(args):
         state = None
         if rngs is not None:
             state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num, "position": position,
-                     "best": best, "bad_steps": bad_total, "rng": rngs, "clips_seen": clips_seen}
+                     "best": best, "bad_steps": bad_total, "rng": rngs, "clips_seen": clips_seen,
+                     "window_counts": getattr(stream, "counts", [])}
         folder = save_checkpoint(raw_model, out_dir, name, extra, state)
         log({"event": "checkpoint", "iter": iter_num, "path": str(folder)})
 

@@ -640,7 +640,7 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
             nxt = same[same.index(positions[-1]) + 1] if same.index(positions[-1]) + 1 < len(same) else None
             if nxt is not None:  # the next clip of this language did not fit: it opens the next window
                 c = order[nxt]
-                gap = packed.gap_samples(epoch * len(clips) + nxt)
+                gap = packed.gaps(epoch)[nxt]
                 too_long = -(-end // train.TIMESTAMP_SAMPLES) * train.TIMESTAMP_SAMPLES + gap + int(split.lengths[c]) > dw.N_SAMPLES
                 assert too_long or tokens + packed.n_text[c] + 2 > n_text_ctx + 1
                 closed_on.add("seconds" if too_long else "tokens")
