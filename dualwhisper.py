@@ -1102,16 +1102,23 @@ def power(x, dim=-1, lengths=None):
     return torch.stack([r[:L].pow(2).sum() / max(L, 1) for r, L in zip(rows, lengths)]).view(x.shape[:-1]).clamp_min(1e-10)
 
 
-def mix_at_snr(clean, noise, snr_db, lengths=None):
+def mix_at_snr(clean, noise, snr_db, lengths=None, speech=None):
     """clean + noise scaled so that the clean-to-noise power ratio is `snr_db` decibels.
     clean, noise: (B, n) on any device; snr_db: a number or (B,), +inf for no noise. Without
     `lengths` powers are measured over the whole signal (give equal-length signals); with lengths
     (B,) over each row's first lengths[b] samples, and the noise stops there, so that the zero
-    padding after a clip stays silent."""
+    padding after a clip stays silent. speech: (B, n) bool, the samples both powers are measured
+    over instead (a packed window's clips, not the silence between them)."""
     snr_db = torch.as_tensor(snr_db, dtype=torch.float32, device=clean.device)
     if lengths is not None:
         noise = noise * (torch.arange(noise.shape[-1], device=clean.device) < torch.as_tensor(lengths, device=clean.device)[..., None])
-    scale = torch.sqrt(power(clean, lengths=lengths) / (power(noise, lengths=lengths) * 10 ** (snr_db / 10)))  # (B,)
+    if speech is None:
+        p_clean, p_noise = power(clean, lengths=lengths), power(noise, lengths=lengths)
+    else:
+        m = speech.to(clean.device, torch.float32)
+        n = m.sum(-1).clamp_min(1)
+        p_clean, p_noise = ((clean.float() ** 2 * m).sum(-1) / n).clamp_min(1e-10), ((noise.float() ** 2 * m).sum(-1) / n).clamp_min(1e-10)
+    scale = torch.sqrt(p_clean / (p_noise * 10 ** (snr_db / 10)))  # (B,)
     return clean + scale[..., None].to(clean.dtype) * noise
 
 
@@ -1181,10 +1188,12 @@ class NoiseMixer:
       babble            babble_talkers (low, high) utterances of `pool`, each looped from a random
                         start at unit power, summed
       talker            one other utterance of `pool` overlapping the clip, starting in its first half
+                        (in a packed window: one for each of its clips)
     Every kind is mixed at an SNR drawn uniformly from snr_db (low, high), except "talker", whose
     level below the speech is drawn from talker_db (low, high). The SNR is measured over the clip,
-    and the noise stops where the clip ends. bank, pool: prepare.PreparedSplit or lists of float
-    arrays at 16 kHz."""
+    and the noise stops where the clip ends; in a packed window (`spans`: where its clips lie) the
+    noise fills the window and the SNR is measured over the clips. bank, pool: prepare.PreparedSplit
+    or lists of float arrays at 16 kHz."""
 
     def __init__(self, kinds, bank=None, pool=None, snr_db=(0.0, 20.0), talker_db=(5.0, 15.0), babble_talkers=(3, 6), seed=0):
         unknown = sorted(set(kinds) - set(NOISE_KINDS))
@@ -1213,14 +1222,23 @@ class NoiseMixer:
         return cls({kind: 1.0}, bank, pool, (snr_db, snr_db), (snr_db, snr_db), (babble_talkers, babble_talkers), seed)
 
     def _others(self, rng, k, exclude):
-        """k indices of `pool`, never `exclude` (the clip itself), distinct while the pool allows."""
-        n = len(self.pool) - (exclude is not None)
-        picks = rng.choice(n, size=k, replace=k > n)
-        return [int(j) + (exclude is not None and j >= exclude) for j in picks]
+        """k indices of `pool`, never `exclude` (the clip itself, or the clips of a packed window,
+        as far as the pool allows), distinct while the pool allows."""
+        exclude = sorted(set(np.atleast_1d(exclude).tolist())) if exclude is not None else []
+        if len(self.pool) - len(exclude) < 1:
+            exclude = exclude[:1]
+        picks = rng.choice(len(self.pool) - len(exclude), size=k, replace=k > len(self.pool) - len(exclude))
+        out = []
+        for j in picks.tolist():
+            for e in exclude:  # the j-th index that is not excluded
+                j += j >= e
+            out.append(int(j))
+        return out
 
-    def draw(self, key, length, exclude=None):
-        """The recipe for one clip of `length` samples: {"kind": None (clean) or a kind, "snr_db",
-        "seed" (coloured noise), "pieces": [(index, offset)] or [(index, start)] for talker}."""
+    def draw(self, key, length, exclude=None, spans=None):
+        """The recipe for one clip of `length` samples (or a packed window, its clips at `spans`,
+        [(start, end)]): {"kind": None (clean) or a kind, "snr_db", "seed" (coloured noise),
+        "pieces": [(index, offset)] or [(index, start)] for talker}."""
         rng = _rng(self.seed, 1, key)
         i = int(np.searchsorted(np.cumsum(self.p), rng.random(), side="right"))
         if i >= len(self.kinds):
@@ -1237,7 +1255,9 @@ class NoiseMixer:
             n = int(rng.integers(self.babble_talkers[0], self.babble_talkers[1] + 1))
             recipe["pieces"] = [(j, int(rng.integers(max(1, _clip_len(self.pool, j))))) for j in self._others(rng, n, exclude)]
         else:  # talker
-            recipe["pieces"] = [(self._others(rng, 1, exclude)[0], int(rng.integers(max(1, length // 2))))]
+            spans = [(0, length)] if spans is None else spans
+            others = self._others(rng, len(spans), exclude)
+            recipe["pieces"] = [(j, a + int(rng.integers(max(1, (b - a) // 2)))) for j, (a, b) in zip(others, spans)]
         return recipe
 
     def noise(self, recipes, lengths, n, device="cpu"):
@@ -1263,24 +1283,33 @@ class NoiseMixer:
                     x = _looped(_clip(self.pool, j), L, offset)
                     gathered[b, :L] += x / np.sqrt(max(float(np.mean(x.astype(np.float64) ** 2)), 1e-10))
             else:  # talker
-                (j, start), = r["pieces"]
-                x = _clip(self.pool, j)[: L - start]
-                gathered[b, start:start + len(x)] = x
+                for j, start in r["pieces"]:
+                    x = _clip(self.pool, j)[: max(0, L - start)]
+                    gathered[b, start:start + len(x)] += x
         if rows:
             out[rows] += torch.from_numpy(gathered[rows]).to(device, non_blocking=True)
         return out
 
-    def __call__(self, audio, lengths, keys, exclude=None):
+    def __call__(self, audio, lengths, keys, exclude=None, spans=None):
         """audio: (B, n) float speech, zero after lengths[b]; keys: one int (or tuple of ints) per
-        clip; exclude: per clip its own index in `pool` (never mixed with itself), or None.
+        clip; exclude: per clip its own index in `pool` (never mixed with itself; a list for a
+        packed window), or None; spans: per row the (start, end) samples of its clips, for packed
+        windows, where noise fills lengths[b] and the SNR is measured over the clips.
         Returns the noisy batch on audio's device."""
         B, n = audio.shape
         lengths = [min(int(L), n) for L in lengths]
-        recipes = [self.draw(k, L, None if exclude is None else int(exclude[b])) for b, (k, L) in enumerate(zip(keys, lengths))]
+        recipes = [self.draw(k, L, None if exclude is None else exclude[b], None if spans is None else spans[b])
+                   for b, (k, L) in enumerate(zip(keys, lengths))]
         m = max(lengths, default=0)  # samples up to the longest clip's end: no noise goes past it
         noise = self.noise(recipes, lengths, m, audio.device)
         snr = torch.tensor([r["snr_db"] if r["kind"] else float("inf") for r in recipes], device=audio.device)
-        return torch.cat([mix_at_snr(audio[:, :m], noise, snr, lengths), audio[:, m:]], dim=-1)
+        speech = None
+        if spans is not None:
+            speech = torch.zeros(B, m, dtype=torch.bool)
+            for b, row in enumerate(spans):
+                for a, e in row:
+                    speech[b, a:e] = True
+        return torch.cat([mix_at_snr(audio[:, :m], noise, snr, lengths, speech), audio[:, m:]], dim=-1)
 
 
 def spec_augment(mel, frames, keys, seed=0, freq_masks=2, freq_width=27, time_masks=2, time_width=0.05):

@@ -6,6 +6,7 @@ train.py: fine-tune dual-attention Whisper from official weights on prepared dat
   torchrun --standalone --nproc_per_node=8 train.py --data data/az ...        # one node, 8 GPUs
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
   python train.py --out_dir out/az --resume       # go on after a stop or a kill
+  python train.py --pack --batch_size 1           # windows of several clips with timestamps: several times the clips/s
 
 The file reads top to bottom: config, setup, data, model, optimizer, evaluation, then the loop.
 A run folder holds latest/ (weights plus everything a resume needs) and best/ (the best evaluation
@@ -63,7 +64,8 @@ def get_parser():
     g.add_argument("--seed", type=int, default=1337, help="seed of the data order, the noise and the new parameters")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_iters", type=int, default=30, help="optimizer steps in all")
-    g.add_argument("--batch_size", type=int, default=8, help="global batch: clips per optimizer step over all ranks and micro-steps")
+    g.add_argument("--batch_size", type=int, default=8, help="global batch: clips (with --pack: windows) per optimizer step over all "
+                                                              "ranks and micro-steps")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step on each rank")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate of the pretrained parameters")
     g.add_argument("--dual_lr_mult", type=float, default=3.0, help="learning-rate multiplier of the new parts (second "
@@ -77,6 +79,14 @@ def get_parser():
     g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses in a row (each is skipped)")
+    g = p.add_argument_group("packing: short clips filled into Whisper's 30-second windows, each a timestamped segment")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+                   help="train on windows of several clips of one language, in stream order, with silence between them, "
+                        "and Whisper's timestamped targets (evaluation stays per clip)")
+    g.add_argument("--pack_gap", type=float, nargs=2, default=[0.1, 1.0], metavar=("LOW", "HIGH"),
+                   help="seconds of silence before each clip of a window")
+    g.add_argument("--pack_no_timestamps", type=float, default=0.5,
+                   help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
     g = p.add_argument_group("noise augmentation (on the device, drawn per clip from the seed and its data position)")
     g.add_argument("--noise", default=DEFAULT_NOISE, help="kind:probability per clip, comma-separated; the rest stays clean. Kinds: "
                                                           "bank (the data's noise split), white, pink, brown, babble, talker (a second "
@@ -149,7 +159,7 @@ def parse_config(argv=None):
         ckpt = find_latest(args.out_dir)
         if ckpt is None:
             raise TrainError(f"--resume: no checkpoint in {args.out_dir} (expected {args.out_dir}/latest/state.pt)")
-        stored = json.loads((ckpt / "config.json").read_text())["train_config"]
+        stored = {"pack": False, **json.loads((ckpt / "config.json").read_text())["train_config"]}  # runs from before --pack are padded
         defaults.update(checked_values({k: v for k, v in stored.items() if k not in ("resume", "config")}, parser, f"{ckpt}/config.json"))
     if args.config:
         defaults.update(read_config_file(args.config, parser))
@@ -184,6 +194,10 @@ def resolve(args):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must lie in [0, 1), not {getattr(args, name)}")
+    if not 0 <= args.pack_no_timestamps <= 1:
+        raise TrainError(f"--pack_no_timestamps is a share in [0, 1], not {args.pack_no_timestamps}")
+    if not 0 <= args.pack_gap[0] <= args.pack_gap[1] < dw.CHUNK_LENGTH:
+        raise TrainError(f"--pack_gap must be seconds LOW <= HIGH in [0, {dw.CHUNK_LENGTH}), not {args.pack_gap}")
     return args
 
 
@@ -269,6 +283,70 @@ class Stream:
         return int(self._orders[epoch][i])
 
 
+TIMESTAMP_SAMPLES = dw.SAMPLE_RATE // 50  # Whisper's timestamps step by 0.02 s
+
+
+class PackedStream:
+    """Whisper's 30-second windows filled with clips of the Stream: clips of the same prompt
+    (language and task) go, in stream order, into that prompt's open window, each after a gap of
+    silence (drawn per stream position from the seed); a clip that does not fit (in samples, or in
+    decoder tokens with timestamps) closes the window and starts the next. Windows are numbered in
+    the order they close, an epoch's last open ones in the order they opened, and never span two
+    epochs, so that an epoch holds every clip once. Window k is (key, prompt, [(clip, offset)]),
+    its key the stream position of its first clip: the key of its noise, SpecAugment and target
+    format. Like Stream, it depends on the seed alone, never on ranks or batches."""
+
+    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448):
+        self.stream, self.seed, self.gap, self.no_timestamps = Stream(clips, seed), seed, gap, no_timestamps
+        self.lengths = {int(c): int(split.lengths[c]) for c in clips}
+        self.prompts, self.n_text = {}, {}
+        for c in self.lengths:  # the prompt and the number of text tokens of each clip
+            seq = split.tokens(c)
+            self.prompts[c] = prompt_of(seq, no_timestamps)
+            self.n_text[c] = len(seq) - len(self.prompts[c]) - 1
+        self.budget = n_text_ctx + 1  # tokens of a window's whole sequence: inputs are all but its last
+        self.counts, self._epoch = [], (None, [])  # windows per packed epoch; the last epoch packed
+
+    def gaps(self, epoch):
+        """The silence before each clip of an epoch in stream order, samples in whole timestamp steps (0.02 s)."""
+        seconds = np.random.default_rng([self.seed, 3, epoch]).uniform(*self.gap, size=len(self.stream.clips))
+        return (seconds * dw.SAMPLE_RATE).astype(np.int64) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
+
+    def pack_epoch(self, epoch):
+        n = len(self.stream.clips)
+        opened, closed = {}, []  # prompt -> [key, clips, end sample, tokens]; closed windows in order
+        for i, gap in enumerate(self.gaps(epoch).tolist()):
+            position = epoch * n + i
+            c = self.stream[position]
+            prompt, L = self.prompts[c], self.lengths[c]
+            tokens = self.n_text[c] + 2  # the text between its two timestamps
+            w = opened.get(prompt)
+            start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + gap  # on a timestamp
+            if w is not None and (start + L > dw.N_SAMPLES or w[3] + tokens > self.budget):
+                closed.append(w)
+                w = None
+            if w is None:
+                start = min(gap, (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
+                # the prompt less <|notimestamps|>, plus <|endoftext|>
+                w = opened[prompt] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
+            w[1].append((c, start))
+            w[2], w[3] = start + L, w[3] + tokens
+        closed += sorted(opened.values(), key=lambda w: w[0])
+        return [(key, self.prompts[clips[0][0]], clips) for key, clips, _, _ in closed]
+
+    def __getitem__(self, k):
+        k, epoch = int(k), 0
+        while True:
+            if epoch == len(self.counts):
+                self._epoch = (epoch, self.pack_epoch(epoch))
+                self.counts.append(len(self._epoch[1]))
+            if k < self.counts[epoch]:
+                if self._epoch[0] != epoch:
+                    self._epoch = (epoch, self.pack_epoch(epoch))
+                return self._epoch[1][k]
+            k, epoch = k - self.counts[epoch], epoch + 1
+
+
 def usable_clips(split, n_vocab, n_text_ctx):
     """Indices of the clips a model can train on, and a count of the others by reason: checked
     once from the index and token file, so that a bad clip never reaches (or kills) a step."""
@@ -293,19 +371,70 @@ def get_batch(split, indices, no_timestamps, eot, n_text_ctx, device, multiple=1
     eager mode each padding position costs time, most of all in the cross-attention)."""
     audio, seqs = split.batch(indices, dtype=np.int16)
     lengths = np.minimum(split.lengths[np.asarray(indices)], dw.N_SAMPLES)
+    prompts = [prompt_of(s, no_timestamps) for s in seqs]
+    return to_device(audio, device), torch.as_tensor(lengths), *decoder_io(seqs, prompts, eot, n_text_ctx, device, multiple), prompts
+
+
+def prompt_of(seq, no_timestamps):
+    """The prompt that begins a clip's token sequence: up to <|notimestamps|> (start, language, task)."""
+    at = np.flatnonzero(seq == no_timestamps)
+    return tuple(seq[:int(at[0]) + 1 if len(at) else 1].tolist())
+
+
+def decoder_io(seqs, prompts, eot, n_text_ctx, device, multiple=1):
+    """Decoder inputs and targets (B, T) of token sequences that begin with their prompts."""
     T = max(len(s) for s in seqs) - 1
     T = min(-(-T // multiple) * multiple, n_text_ctx)
     x = np.full((len(seqs), T), eot, dtype=np.int64)
     y = np.full((len(seqs), T), -100, dtype=np.int64)
-    prompts = []
-    for b, s in enumerate(seqs):
-        at = np.flatnonzero(s == no_timestamps)
-        n_prompt = int(at[0]) + 1 if len(at) else 1
-        x[b, :len(s) - 1], y[b, n_prompt - 1:len(s) - 1] = s[:-1], s[n_prompt:]
-        prompts.append(tuple(s[:n_prompt].tolist()))
-    pin = device.type == "cuda"
-    to = lambda a: (torch.from_numpy(a).pin_memory() if pin else torch.from_numpy(a)).to(device, non_blocking=True)
-    return to(audio), torch.as_tensor(lengths), to(x), to(y), prompts
+    for b, (s, prompt) in enumerate(zip(seqs, prompts)):
+        x[b, :len(s) - 1], y[b, len(prompt) - 1:len(s) - 1] = s[:-1], s[len(prompt):]
+    return to_device(x, device), to_device(y, device)
+
+
+def to_device(a, device):
+    return (torch.from_numpy(a).pin_memory() if device.type == "cuda" else torch.from_numpy(a)).to(device, non_blocking=True)
+
+
+def window_batch(split, windows, tokenizer, n_text_ctx, device, multiple=1, seed=0, no_timestamps_share=0.5, unreadable=None):
+    """A batch of packed windows: audio (B, N_SAMPLES) int16 on the device, each clip at its offset
+    and silence between; spans, per window the (start, end) samples of its clips; decoder inputs and
+    targets (B, T); prompts. The target is Whisper's: <|start|> text <|end|> per clip, in order, or,
+    for a share of windows (drawn from the seed and the window's key), <|notimestamps|> and the
+    texts alone. A clip that fails to read is left out of its window and added to `unreadable`."""
+    audio = np.zeros((len(windows), dw.N_SAMPLES), dtype=np.int16)
+    seqs, prompts, spans = [], [], []
+    for b, (key, clip_prompt, clips) in enumerate(windows):
+        timestamps = np.random.default_rng([seed, 4, key]).random() >= no_timestamps_share
+        prompt = list(clip_prompt[:-1] if timestamps and clip_prompt[-1] == tokenizer.no_timestamps else clip_prompt)
+        seq, row = list(prompt), []
+        for c, offset in clips:
+            if unreadable is not None and c in unreadable:
+                continue
+            try:
+                x, tokens = split.audio(c), split.tokens(c)
+                audio[b, offset:offset + len(x)] = x
+            except Exception as e:  # whatever a damaged file or index raises: the clip is left out
+                if unreadable is None:
+                    raise
+                unreadable[c] = f"{type(e).__name__}: {e}"[:200]
+                continue
+            text = tokens[len(clip_prompt):-1].tolist()  # between the prompt and <|endoftext|>
+            if timestamps:
+                text = [timestamp_token(tokenizer, offset, floor=True), *text, timestamp_token(tokenizer, offset + len(x))]
+            seq += text
+            row.append((offset, offset + len(x)))
+        seqs.append(np.array(seq + [tokenizer.eot], dtype=np.int64))
+        prompts.append(tuple(prompt))
+        spans.append(row)
+    return to_device(audio, device), spans, *decoder_io(seqs, prompts, tokenizer.eot, n_text_ctx, device, multiple), prompts
+
+
+
+def timestamp_token(tokenizer, sample, floor=False):
+    """The timestamp token of a sample position: rounded to the nearest 0.02 s, or down."""
+    step = sample // TIMESTAMP_SAMPLES if floor else (sample + TIMESTAMP_SAMPLES // 2) // TIMESTAMP_SAMPLES
+    return tokenizer.timestamp_begin + min(int(step), dw.N_SAMPLES // TIMESTAMP_SAMPLES)
 
 
 def readable(split, indices, clips, unreadable):
@@ -337,13 +466,19 @@ def readable(split, indices, clips, unreadable):
     return out, new
 
 
-def log_mel(audio, lengths, n_mels, mixer=None, keys=None, exclude=None, spec_augment=False, seed=0):
-    """int16 audio (B, N_SAMPLES) on the device -> noisy log-mel (B, n_mels, 3000), on the device."""
+def log_mel(audio, lengths, n_mels, mixer=None, keys=None, exclude=None, spec_augment=False, seed=0, spans=None):
+    """int16 audio (B, N_SAMPLES) on the device -> noisy log-mel (B, n_mels, 3000), on the device.
+    Packed windows give their clips' spans: the noise fills the window, its SNR measured over the
+    clips, and SpecAugment masks up to the last clip's end."""
     audio = audio.float() / 32768.0
+    if spans is not None:
+        lengths = torch.full((len(audio),), audio.shape[-1])
     if mixer is not None:
-        audio = mixer(audio, lengths, keys, exclude)
+        audio = mixer(audio, lengths, keys, exclude, spans)
     mel = dw.log_mel_spectrogram(audio, n_mels)
     if spec_augment:
+        if spans is not None:
+            lengths = torch.tensor([row[-1][1] if row else 0 for row in spans])
         mel = dw.spec_augment(mel, (lengths + dw.HOP_LENGTH - 1) // dw.HOP_LENGTH, keys, seed)
     return mel
 
@@ -588,12 +723,13 @@ def run(args):
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    iter_num, position, best, bad_in_a_row, bad_total = 0, 0, None, 0, 0
+    iter_num, position, best, bad_in_a_row, bad_total, clips_seen = 0, 0, None, 0, 0, 0
     if resume is not None:
         state = torch.load(resume / "state.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         iter_num, position, best, bad_total = state["iter_num"], state["position"], state["best"], state["bad_steps"]
+        clips_seen = state.get("clips_seen", position)
         set_rng_states(state["rng"][rank] if len(state["rng"]) == world_size else state["rng"][0])
         if master:
             print(f"resuming from {resume} at step {iter_num} (data position {position}, best {best})", flush=True)
@@ -608,13 +744,25 @@ def run(args):
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)  # before the DDP wrap; checkpoints always come from raw_model
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    stream = Stream(train_clips, args.seed)
+    stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx)
+              if args.pack else Stream(train_clips, args.seed))
+    if resume is not None and args.pack:
+        stream.counts = list(state.get("window_counts", []))  # so that the epochs before are not packed again
     unreadable = {}  # clip -> error, for clips that passed the checks but failed to read
 
-    def load(indices):
-        """(indices, audio, lengths, inputs, targets) of a micro-batch on the device; a clip that
-        passed the checks but cannot be read is replaced by the next one, logged, and left out."""
-        indices = [i if i not in unreadable else readable(train_split, [i], train_clips, unreadable)[0][0] for i in indices]
+    def load(keys, items):
+        """(noise keys, the clips each row's noise leaves out, audio, lengths, spans, inputs, targets,
+        clips) of a micro-batch on the device. A clip that passed the checks but cannot be read is
+        logged and left out from then on: replaced by the next one, or in a window by silence."""
+        if args.pack:
+            known = len(unreadable)
+            audio, spans, x, y, _ = window_batch(train_split, items, tokenizer, dims.n_text_ctx, device, multiple, args.seed,
+                                                 args.pack_no_timestamps, unreadable)
+            for i in list(unreadable)[known:]:
+                log({"event": "bad_clip", "iter": iter_num + 1, "index": i, "error": unreadable[i]},
+                    f"step {iter_num + 1}: clip {i} of {args.data} train cannot be read ({unreadable[i]}); left out from now on")
+            return [w[0] for w in items], [[c for c, _ in w[2]] for w in items], audio, None, spans, x, y, sum(map(len, spans))
+        indices = [i if i not in unreadable else readable(train_split, [i], train_clips, unreadable)[0][0] for i in items]
         try:
             audio, lengths, x, y, _ = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device, multiple)
         except Exception:  # find the clip, replace it, go on
@@ -625,7 +773,7 @@ def run(args):
                 log({"event": "bad_clip", "iter": iter_num + 1, "index": i, "error": unreadable[i]},
                     f"step {iter_num + 1}: clip {i} of {args.data} train cannot be read ({unreadable[i]}); left out from now on")
             audio, lengths, x, y, _ = get_batch(train_split, indices, tokenizer.no_timestamps, tokenizer.eot, dims.n_text_ctx, device, multiple)
-        return indices, audio, lengths, x, y
+        return keys, indices, audio, lengths, None, x, y, len(indices)
 
     def save(name, metrics, rngs=None):
         """best/ (weights and config) or, with the RNG states of every rank, latest/ (and state.pt)."""
@@ -633,7 +781,8 @@ def run(args):
         state = None
         if rngs is not None:
             state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iter_num": iter_num, "position": position,
-                     "best": best, "bad_steps": bad_total, "rng": rngs}
+                     "best": best, "bad_steps": bad_total, "rng": rngs, "clips_seen": clips_seen,
+                     "window_counts": getattr(stream, "counts", [])}
         folder = save_checkpoint(raw_model, out_dir, name, extra, state)
         log({"event": "checkpoint", "iter": iter_num, "path": str(folder)})
 
@@ -660,7 +809,7 @@ def run(args):
 
     # ---- the loop
     model.train()
-    start_iter, t_train, n_timed, t_eval = iter_num, 0.0, 0, 0.0
+    start_iter, t_train, n_timed, clips_timed, t_eval = iter_num, 0.0, 0, 0, 0.0
     while True:
         # evaluate and save every eval_interval steps and at the end; not again at the step a run resumed from
         if (iter_num % args.eval_interval == 0 or iter_num == args.max_iters) and not (resume is not None and iter_num == start_iter):
@@ -685,7 +834,7 @@ def run(args):
             break
 
         # one optimizer step: the global batch is positions [position, position + batch_size) of the
-        # stream; micro-step m of rank r takes its m * world_size + r -th slice
+        # stream (of clips, or of windows); micro-step m of rank r takes its m * world_size + r -th slice
         t0 = time.perf_counter()
         lr = get_lr(iter_num, args)
         for group in optimizer.param_groups:
@@ -697,11 +846,11 @@ def run(args):
             slices.append((keys, [stream[k] for k in keys]))
         # the loss is the sum over the global batch's target tokens divided by their number, whatever the split
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        batches = [(keys, *load(indices)) for keys, indices in slices]
-        global_tokens = all_sum([sum(int((y != -100).sum()) for *_, y in batches)], device, world_size)[0]
+        batches = [load(keys, items) for keys, items in slices]
+        global_tokens, step_clips = all_sum([sum(int((b[6] != -100).sum()) for b in batches), sum(b[7] for b in batches)], device, world_size)
         gate_sum = torch.zeros(2, device=device)  # sums of g and |g| over the target tokens, averaged over layers
-        for micro_step, (keys, indices, audio, lengths, x, y) in enumerate(batches):
-            mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, indices, args.spec_augment, args.seed)
+        for micro_step, (keys, exclude, audio, lengths, spans, x, y, _) in enumerate(batches):
+            mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, exclude, args.spec_augment, args.seed, spans)
             last = micro_step == len(batches) - 1
             sync = model.no_sync() if world_size > 1 and not last else nullcontext()  # gradients all-reduce on the last micro-step
             gates.clear()
@@ -751,20 +900,23 @@ def run(args):
             optimizer.zero_grad(set_to_none=True)
         position += args.batch_size
         iter_num += 1
+        clips_seen += int(step_clips)
 
         dt = time.perf_counter() - t0
         if iter_num > start_iter + 1:  # the first step warms up (and compiles)
-            t_train, n_timed = t_train + dt, n_timed + 1
+            t_train, n_timed, clips_timed = t_train + dt, n_timed + 1, clips_timed + int(step_clips)
         if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
-            per_step = t_train / n_timed if n_timed else dt
+            per_step, clips_per_s = (t_train / n_timed, clips_timed / t_train) if n_timed else (dt, step_clips / dt)
             evals_left = args.max_iters // args.eval_interval - (iter_num - 1) // args.eval_interval + int(args.max_iters % args.eval_interval > 0)
             eta = per_step * (args.max_iters - iter_num) + t_eval * evals_left
             record = {"event": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "gate": gate_value if gates else None, "gate_abs": gate_abs if gates else None,
-                      "samples_per_s": args.batch_size / per_step, "skipped": bad_total, "eta_s": eta}
+                      "samples_per_s": args.batch_size / per_step, "clips_per_s": clips_per_s, "clips_seen": clips_seen,
+                      "skipped": bad_total, "eta_s": eta}
             log(record, f"step {iter_num}/{args.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}"
                         + (f", gate {gate_value:+.3f} (|g| {gate_abs:.3f})" if gates else "")
-                        + f", {args.batch_size / per_step:.2f} samples/s, eta {eta / 60:.1f} min")
+                        + (f", {args.batch_size / per_step:.2f} windows/s ({clips_per_s:.2f} clips/s)" if args.pack
+                           else f", {args.batch_size / per_step:.2f} samples/s") + f", eta {eta / 60:.1f} min")
 
     # ---- the end: ranks agree on every parameter bit; the WER before and after
     if world_size > 1:

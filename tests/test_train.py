@@ -566,3 +566,205 @@ def test_learning_rate_schedule():
     assert lrs[0] < lrs[5] < lrs[9] < lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
     assert lrs[110] == lrs[119] == pytest.approx(1e-4)
+
+
+# -----------------------------------------------------------------------------
+# packing (--pack): short clips filled into 30-second windows, Whisper's timestamped targets
+
+
+def packing_corpus(folder, tokenizer, clips, seed=0):
+    """A train split of clips (seconds, language, text) of quiet noise, with multilingual prompts."""
+    rng = np.random.default_rng(seed)
+    w = prepare.SplitWriter(folder, "train")
+    for i, (seconds, language, text) in enumerate(clips):
+        prompt = tokenizer.sot_sequence(language, "transcribe") + [tokenizer.no_timestamps]
+        audio = 0.1 * rng.standard_normal(int(seconds * dw.SAMPLE_RATE)).astype(np.float32)
+        w.add(audio, prompt + tokenizer.encode(" " + text) + [tokenizer.eot], {"id": str(i), "text": text, "language": language})
+    w.close()
+    return prepare.PreparedSplit(folder, "train")
+
+
+@pytest.fixture(scope="module")
+def two_languages(tmp_path_factory, multilingual_tokenizer_dir):
+    """50 clips of 1 to 6 s (two of 14 and 25 s), in English and Azerbaijani."""
+    tokenizer = dw.Tokenizer.from_pretrained(multilingual_tokenizer_dir)
+    rng = np.random.default_rng(1)
+    clips = [(float(rng.uniform(1, 6)), "en" if i % 3 else "az", f"clip number {i} says {'word ' * int(rng.integers(1, 12))}")
+             for i in range(48)] + [(14.0, "en", "a long one"), (25.0, "az", "a longer one")]
+    return tokenizer, packing_corpus(tmp_path_factory.mktemp("two_languages") / "data", tokenizer, clips)
+
+
+def parse_timestamped(tokenizer, tokens):
+    """[(start, text tokens, end)] of a target in Whisper's timestamped format; fails on any other shape."""
+    segments, i, ts = [], 0, tokenizer.timestamp_begin
+    while tokens[i] != tokenizer.eot:
+        assert tokens[i] >= ts, f"a segment must open with a timestamp: {tokenizer.decode_with_timestamps(tokens)}"
+        j = i + 1
+        while tokens[j] < tokenizer.eot:
+            j += 1
+        assert tokens[j] >= ts, f"a segment must close with a timestamp: {tokenizer.decode_with_timestamps(tokens)}"
+        segments.append(((tokens[i] - ts) * 0.02, tokens[i + 1:j], (tokens[j] - ts) * 0.02))
+        i = j + 1
+    assert i == len(tokens) - 1, "nothing after <|endoftext|>"
+    return segments
+
+
+def test_packed_epoch_holds_every_clip_once(two_languages):
+    """Every usable clip once per epoch, in stream order within its language, windows of one language
+    that fit 30 s and the text context; a clip that does not fit opens its language's next window."""
+    tokenizer, split = two_languages
+    clips = np.array([c for c in range(len(split)) if c != 7])  # a clip left out (as usable_clips leaves out bad ones)
+    n_text_ctx = 60  # small, so that some windows close on tokens rather than on seconds
+    packed = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx)
+    k, closed_on = 0, set()
+    for epoch in range(3):
+        order = [packed.stream[p] for p in range(epoch * len(clips), (epoch + 1) * len(clips))]
+        windows = []
+        while sum(len(w[2]) for w in windows) < len(clips):
+            windows.append(packed[k])
+            k += 1
+        seen = [c for w in windows for c, _ in w[2]]
+        assert sorted(seen) == sorted(clips.tolist()), f"epoch {epoch}: a clip lost or repeated"
+        assert packed.counts[epoch] == len(windows)
+        for key, prompt, members in windows:
+            assert order[key - epoch * len(clips)] == members[0][0], "a window's key is the stream position of its first clip"
+            assert {tuple(split.tokens(c)[:len(prompt)].tolist()) for c, _ in members} == {prompt}, "one language per window"
+            positions = [order.index(c) for c, _ in members]
+            same = [i for i, c in enumerate(order) if tuple(split.tokens(c)[:len(prompt)].tolist()) == prompt]
+            assert positions == same[same.index(positions[0]):][:len(positions)], "consecutive clips of its language, in stream order"
+            end, tokens = 0, len(prompt)
+            for c, offset in members:
+                assert offset >= end and offset % train.TIMESTAMP_SAMPLES == 0
+                end, tokens = offset + int(split.lengths[c]), tokens + packed.n_text[c] + 2
+            assert end <= dw.N_SAMPLES and tokens <= n_text_ctx + 1
+            nxt = same[same.index(positions[-1]) + 1] if same.index(positions[-1]) + 1 < len(same) else None
+            if nxt is not None:  # the next clip of this language did not fit: it opens the next window
+                c = order[nxt]
+                gap = packed.gaps(epoch)[nxt]
+                too_long = -(-end // train.TIMESTAMP_SAMPLES) * train.TIMESTAMP_SAMPLES + gap + int(split.lengths[c]) > dw.N_SAMPLES
+                assert too_long or tokens + packed.n_text[c] + 2 > n_text_ctx + 1
+                closed_on.add("seconds" if too_long else "tokens")
+    assert closed_on == {"seconds", "tokens"}, closed_on
+    again = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx)
+    assert [again[i] for i in reversed(range(k))][::-1] == [packed[i] for i in range(k)], "windows depend on the seed alone"
+    other = train.PackedStream(split, clips, seed=4, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx)
+    assert [other[i] for i in range(5)] != [packed[i] for i in range(5)]
+
+
+def test_packed_window_target_decodes_back_to_its_clips(two_languages):
+    """Timestamped windows: each clip's text between its start and end, in order, inside the window,
+    the audio at those times; the others: <|notimestamps|> and the texts alone; about the share asked."""
+    tokenizer, split = two_languages
+    packed = train.PackedStream(split, np.arange(len(split)), seed=0, no_timestamps=tokenizer.no_timestamps)
+    windows = [packed[k] for k in range(40)]
+    formats = []
+    for share in (0.0, 1.0, 0.5):
+        audio, spans, x, y, prompts = train.window_batch(split, windows, tokenizer, 448, torch.device("cpu"), seed=5, no_timestamps_share=share)
+        assert audio.shape == (len(windows), dw.N_SAMPLES) and audio.dtype == torch.int16
+        for b, (key, prompt, members) in enumerate(windows):
+            target = y[b][y[b] != -100].tolist()
+            assert x[b, :len(prompts[b])].tolist() == list(prompts[b]) and x[b, len(prompts[b]):len(prompts[b]) + len(target) - 1].tolist() == target[:-1]
+            texts = [split.tokens(c)[len(prompt):-1].tolist() for c, _ in members]
+            timestamped = tokenizer.no_timestamps not in prompts[b]
+            assert list(prompts[b]) == (list(prompt[:-1]) if timestamped else list(prompt))
+            if timestamped:
+                segments = parse_timestamped(tokenizer, target)
+                assert [t for _, t, _ in segments] == texts
+                previous_end = 0.0
+                for (start, _, end), (c, offset) in zip(segments, members):
+                    assert previous_end <= start < end <= 30.0
+                    assert start == pytest.approx(offset / dw.SAMPLE_RATE, abs=1e-9)
+                    assert end == pytest.approx((offset + split.lengths[c]) / dw.SAMPLE_RATE, abs=0.0101)
+                    previous_end = end
+            else:
+                assert target == [t for text in texts for t in text] + [tokenizer.eot]
+            formats.append((share, timestamped))
+            expected = np.zeros(dw.N_SAMPLES, dtype=np.int16)
+            for c, offset in members:
+                expected[offset:offset + split.lengths[c]] = split.audio(c)
+            assert np.array_equal(audio[b].numpy(), expected), "each clip at its offset, silence between"
+            assert spans[b] == [(offset, offset + int(split.lengths[c])) for c, offset in members]
+    assert all(t for s, t in formats if s == 0.0) and not any(t for s, t in formats if s == 1.0)
+    assert 0.25 < np.mean([t for s, t in formats if s == 0.5]) < 0.75
+
+
+@pytest.mark.parametrize("kind", dw.NOISE_KINDS)
+def test_packed_noise_fills_the_window_at_the_snr_of_its_clips(kind, corpus):
+    """The noise covers the whole window, silence between clips included; the SNR asked for is
+    measured over the clips; babble and talkers never come from the window's own clips."""
+    pool, bank = prepare.PreparedSplit(corpus, "train"), prepare.PreparedSplit(corpus, "noise")
+    members = [(0, 8000), (3, 200000)]
+    audio = torch.zeros(1, dw.N_SAMPLES)
+    spans = [[(offset, offset + int(pool.lengths[c])) for c, offset in members]]
+    for (c, offset), (a, b) in zip(members, spans[0]):
+        audio[0, a:b] = torch.from_numpy(pool.audio(c).astype(np.float32) / 32768)
+    speech = torch.zeros(dw.N_SAMPLES, dtype=torch.bool)
+    for a, b in spans[0]:
+        speech[a:b] = True
+    mixer = dw.NoiseMixer.fixed(kind, 5.0, bank=bank, pool=pool)
+    for key in range(3):
+        noisy = mixer(audio, [dw.N_SAMPLES], [key], exclude=[[0, 3]], spans=spans)
+        added = (noisy - audio)[0]
+        snr = 10 * np.log10(float(audio[0][speech].double().pow(2).sum() / added[speech].double().pow(2).sum()))
+        assert abs(snr - 5.0) < 0.5, (kind, key, snr)
+        if kind != "talker":
+            assert added[~speech].abs().mean() > 0.1 * added[speech].abs().mean(), "noise between the clips too"
+        recipe = mixer.draw(key, dw.N_SAMPLES, exclude=[0, 3], spans=spans[0])
+        others = [j for j, _ in recipe["pieces"]] if kind in ("babble", "talker") else []
+        assert not {0, 3} & set(others)
+        if kind == "talker":  # one other talker per clip, starting in its first half
+            assert len(recipe["pieces"]) == 2 and all(a <= s < a + (b - a) // 2 for (_, s), (a, b) in zip(recipe["pieces"], spans[0]))
+    mel = train.log_mel((audio * 32768).round().short(), None, 80, None, keys=[1], spec_augment=True, spans=spans)
+    clean = dw.log_mel_spectrogram(audio, 80)
+    changed = (mel != clean).any(dim=1)[0]
+    assert changed.any() and not changed[(spans[0][-1][1] + dw.HOP_LENGTH - 1) // dw.HOP_LENGTH + 1:].any(), "SpecAugment up to the last clip"
+
+
+def test_packed_training_resumes_mid_epoch_exactly(tmp_path, tiny_en_dir, tokenizer, jfk_audio, tiny_dir):
+    """Stopped after 2 of 6 steps, in the middle of an epoch of windows, and resumed: the same
+    losses, gradient norms and weights as the run that went through."""
+    clips = [(piece(jfk_audio, (a + 0.05 * (i // 3), b)), text) for i, ((a, b), text) in enumerate(PIECES * 10)]
+    data = write_corpus(tmp_path / "data", tokenizer, clips, clips[:2], [(0.1 * np.random.default_rng(0).standard_normal(80000).astype(np.float32), "")])
+    flags = ["--pack", "--batch_size", 1, "--lr_decay_iters", 6, "--eval_interval", 6, "--spec_augment"]
+    train_main(quick(data, tiny_dir, tmp_path / "whole", *flags, "--max_iters", 6))
+    train_main(quick(data, tiny_dir, tmp_path / "stopped", *flags, "--max_iters", 2))
+    state = torch.load(tmp_path / "stopped" / "latest" / "state.pt", weights_only=True)
+    packed = train.PackedStream(prepare.PreparedSplit(data, "train"), np.arange(len(clips)), 1337, no_timestamps=tokenizer.no_timestamps)
+    packed[0]
+    assert state["position"] == 2 < packed.counts[0], "the stop must fall inside the first epoch"
+    train_main(quick(data, tiny_dir, tmp_path / "stopped", *flags, "--max_iters", 6, "--resume"))
+    whole = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "whole", "train")}
+    resumed = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "stopped", "train")}
+    assert whole.keys() == resumed.keys() == set(range(1, 7))
+    for it in whole:
+        assert resumed[it] == pytest.approx(whole[it], rel=1e-6), it
+    assert whole[6][2] > 6 * 3, "windows hold several clips"
+    a, b = load_file(tmp_path / "whole" / "latest" / "model.safetensors"), load_file(tmp_path / "stopped" / "latest" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_packed_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
+    """The packed stream and its noise are the same for one process and for two gloo ranks."""
+    flags = ["--pack", "--max_iters", 2, "--eval_interval", 2, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2", "--spec_augment"]
+    run_train(*quick(corpus, tiny_dir, tmp_path / "one", *flags))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *map(str, quick(corpus, tiny_dir, tmp_path / "two", *flags))]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    check, = records(tmp_path / "two", "ddp_check")
+    assert check["ranks_identical"]
+    one = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "one", "train")}
+    two = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "two", "train")}
+    assert one.keys() == two.keys() == {1, 2}
+    for it in one:
+        assert one[it] == pytest.approx(two[it], rel=1e-4), it
+
+
+def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
+    for flags, message in ((["--pack_no_timestamps", 1.5], "--pack_no_timestamps is a share in [0, 1]"),
+                           (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH")):
+        with pytest.raises(SystemExit) as e:
+            train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err

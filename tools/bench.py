@@ -2,8 +2,9 @@
 tools/bench.py: timings against baselines measured in the same run, printed as ratios.
 
   python tools/bench.py transcribe   sample.py's transcription vs openai-whisper (and faster-whisper /
-                               transformers where installed)
-  python tools/bench.py train        training samples/s vs transformers' Whisper in the same loop
+                                     transformers where installed)
+  python tools/bench.py train        training clips/s vs transformers' Whisper in the same loop, and packed
+                                     windows (train.py --pack) vs padded clips
   python tools/bench.py prepare      hours of audio prepared per minute, and batch read speed
   python tools/bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
 """
@@ -141,11 +142,12 @@ def bench_transcribe(args):
 
 
 def bench_train(args):
-    """Training samples/s of train.py's loop on our model against transformers'
+    """Training clips/s of train.py's loop on our model against transformers'
     WhisperForConditionalGeneration trained by the same loop (noise mixing, log-mel on the device,
     forward with each model's cross-entropy, backward, clipping, AdamW step) on the same batches, in the same
-    dtype, with the same parts frozen; the two are timed step by step in turn in one process, so
-    that both see the same machine load. On a GPU it also gives whisper-small's model FLOPs
+    dtype, with the same parts frozen, and against our model on packed windows (train.py --pack:
+    batch_size windows per step, each holding several clips); all are timed step by step in turn
+    in one process, so that all see the same machine load. On a GPU it also gives whisper-small's model FLOPs
     utilisation and peak memory in bfloat16 (the original project: about 32 samples/s on an A100,
     about 12% utilisation, about 12 GB at batch 16)."""
     import time
@@ -167,6 +169,7 @@ def bench_train(args):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plain", action="store_true", help="our model without the second cross-attention (the same computation as theirs)")
+    p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True, help="time transformers' model too")
     p.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
                    help="whisper-small MFU and peak memory, random weights, batch 16 (default: on a GPU)")
     a = parse_args(p, args)
@@ -186,30 +189,40 @@ def bench_train(args):
     ours = dw.load_model(a.model, device=device, dual=not a.plain)
     label = "ours (plain)" if a.plain else "ours (dual)"
     tokenizer = dw.get_tokenizer(ours)
-    from transformers import WhisperForConditionalGeneration
+    packed = f"{label}, packed"
+    models = {label: ours, packed: ours}
+    loss_of = {label: lambda mel, x, y: ours(mel, x, y), packed: lambda mel, x, y: ours(mel, x, y)}  # each model's own training loss
+    parts = [(ours, ours.encoder, ours.decoder)]
+    if a.transformers:
+        from transformers import WhisperForConditionalGeneration
 
-    hf = WhisperForConditionalGeneration.from_pretrained(a.model, torch_dtype=torch.float32).to(device)
-    for model, encoder, decoder in ((ours, ours.encoder, ours.decoder), (hf, hf.model.encoder, hf.model.decoder)):
+        hf = WhisperForConditionalGeneration.from_pretrained(a.model, torch_dtype=torch.float32).to(device)
+        models["transformers"] = hf
+        loss_of["transformers"] = lambda mel, x, y: hf(input_features=mel, decoder_input_ids=x, labels=y).loss
+        parts.append((hf, hf.model.encoder, hf.model.decoder))
+    for model, encoder, decoder in parts:
         model.train()
         for part, module in (("encoder", encoder), ("decoder", decoder)):
             for name, q in module.named_parameters():
                 q.requires_grad_(not (part in frozen and not dw.is_dual_parameter(name)))
-    # each model's own training loss: the mean cross-entropy over the target tokens
-    loss_of = {label: lambda mel, x, y: ours(mel, x, y), "transformers": lambda mel, x, y: hf(input_features=mel, decoder_input_ids=x, labels=y).loss}
-    models = {label: ours, "transformers": hf}
     optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5, fused=device.type in train.FUSED_ADAMW_DEVICES)
                   for k, m in models.items()}
 
     clips = np.arange(len(split))
-    batches = []
+    windows = train.PackedStream(split, clips, 0, no_timestamps=tokenizer.no_timestamps, n_text_ctx=ours.dims.n_text_ctx)
+    batches = []  # per step: {name: (noise keys, excluded clips, clips, batch)}
     for s in range(a.steps + 1):
         indices = [int(clips[(s * a.batch_size + b) % len(clips)]) for b in range(a.batch_size)]
-        batches.append((indices, train.get_batch(split, indices, tokenizer.no_timestamps, tokenizer.eot, ours.dims.n_text_ctx, device)))
+        batch = train.get_batch(split, indices, tokenizer.no_timestamps, tokenizer.eot, ours.dims.n_text_ctx, device)
+        ws = [windows[s * a.batch_size + b] for b in range(a.batch_size)]
+        audio, spans, x, y, _ = train.window_batch(split, ws, tokenizer, ours.dims.n_text_ctx, device)
+        batches.append({**{name: (indices, indices, len(indices), (*batch[:2], None, *batch[2:4])) for name in models if name != packed},
+                        packed: ([w[0] for w in ws], [[c for c, _ in w[2]] for w in ws], sum(map(len, spans)), (audio, None, spans, x, y))})
 
-    def step(name, indices, batch):
+    def step(name, keys, exclude, batch):
         """One training step of train.py's loop."""
-        audio, lengths, x, y, _ = batch
-        mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=indices, exclude=indices)
+        audio, lengths, spans, x, y = batch
+        mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=keys, exclude=exclude, spans=spans)
         with autocast:
             loss = loss_of[name](mel, x, y)
         loss.backward()
@@ -222,32 +235,37 @@ def bench_train(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {k: [] for k in models}
-    for s, (indices, batch) in enumerate(batches):
+    times, counts = {k: [] for k in models}, {k: [] for k in models}  # seconds and clips of each timed step
+    for s, step_batches in enumerate(batches):
         for name in (models if s % 2 == 0 else reversed(list(models))):  # alternate which goes first
+            keys, exclude, n_clips, batch = step_batches[name]
             sync()
             t0 = time.perf_counter()
-            step(name, indices, batch)
+            step(name, keys, exclude, batch)
             sync()
             if s > 0:
                 times[name].append(time.perf_counter() - t0)
-    print(f"training step of {a.model} on {a.data}, batch {a.batch_size} x 30 s, {dtype} on {device}"
+                counts[name].append(n_clips)
+    print(f"training step of {a.model} on {a.data}, batch {a.batch_size} x 30 s (padded: a clip each; packed: "
+          f"{sum(counts[packed]) / len(counts[packed]) / a.batch_size:.1f} clips each), {dtype} on {device}"
           f" ({torch.get_num_threads()} threads), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
     # throughput over all timed steps, and at the best and the median step: this shared 2-core
     # machine's speed drifts by 10-20% from one minute to the next, which the best step (as
     # timeit advises) shows least
-    overall = {k: a.batch_size * len(v) / sum(v) for k, v in times.items()}
-    best = {k: a.batch_size / min(v) for k, v in times.items()}
-    median = {k: a.batch_size / float(np.median(v)) for k, v in times.items()}
+    rates = {k: np.array(counts[k]) / np.array(v) for k, v in times.items()}  # clips/s of each step
+    overall = {k: sum(counts[k]) / sum(v) for k, v in times.items()}
+    best, median = {k: float(r.max()) for k, r in rates.items()}, {k: float(np.median(r)) for k, r in rates.items()}
     for k in times:
-        print(f"RESULT train {k:15s}: {overall[k]:.3f} samples/s over all steps, {best[k]:.3f} at the best step "
+        print(f"RESULT train {k:22s}: {overall[k]:.3f} clips/s over all steps, {best[k]:.3f} at the best step "
               f"({min(times[k]):.2f} s), {median[k]:.3f} at the median")
-    # each batch's two steps ran back to back, so their ratio cancels the slow drift that moves
-    # the totals; its median also discounts a step that a neighbour's burst hit
-    pairs = np.array(times["transformers"]) / np.array(times[label])
-    print(f"RESULT {label} / transformers: {overall[label] / overall['transformers']:.2f}x over all steps, "
-          f"{best[label] / best['transformers']:.2f}x at the best step, {median[label] / median['transformers']:.2f}x at the median, "
-          f"{np.median(pairs):.2f}x the median of the {len(pairs)} batches' ratios (target: 1.3x)")
+    # each batch's steps ran back to back, so their ratio cancels the slow drift that moves the
+    # totals; its median also discounts a step that a neighbour's burst hit
+    for faster, slower, target in ((label, "transformers", "1.3x"), (packed, label, "4x on clips of about 3 s")):
+        if slower in times:
+            pairs = rates[faster] / rates[slower]
+            print(f"RESULT {faster} / {slower}: {overall[faster] / overall[slower]:.2f}x over all steps, "
+                  f"{best[faster] / best[slower]:.2f}x at the best step, {median[faster] / median[slower]:.2f}x at the median, "
+                  f"{np.median(pairs):.2f}x the median of the {len(pairs)} batches' ratios (target: {target})")
 
     if a.mfu if a.mfu is not None else device.type == "cuda":
         bench_train_mfu(device)
