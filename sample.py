@@ -257,7 +257,7 @@ def load(args):
     model = dw.load_model(args.model, device=args.device, dtype=dtype)
     if args.compile:
         model.decoder.hidden = torch.compile(model.decoder.hidden, dynamic=True)
-    else:
+    elif not args.eval:  # (--eval decodes as train.py's evaluation does, with the float32 products)
         dw.use_half_precision_decoding(model)  # x86 CPUs, official weights: half the bytes a decoding step reads
     return model
 

@@ -582,45 +582,50 @@ def get_lr(it, args):
 # evaluation: loss and greedy WER/CER, clean and at fixed SNRs, shared by all ranks
 
 
+# sample.py --eval's decoding with the same options prints the same numbers:
+#   --temperature 0 --without_timestamps --no_speech_threshold None --logprob_threshold None --compression_ratio_threshold None
+EVAL_DECODING = dict(temperature=0.0, without_timestamps=True, no_speech_threshold=None, logprob_threshold=None,
+                     compression_ratio_threshold=None)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, rank, world_size, device):
-    """{condition: {loss, wer, cer, words}} over `clips` of val, split over the ranks and summed;
-    one encoder pass per batch serves both the loss and the greedy transcripts."""
-    import jiwer
-
+    """{condition: {loss, wer, cer, words}} over `clips` of val, split over the ranks and summed.
+    The transcripts are dw.transcribe_many's with EVAL_DECODING (greedy, no timestamps, fallback
+    or no-speech skipping), of the audio that the noise mixer gives the loss, scored by
+    dw.error_counts: the path of sample.py --eval."""
     was_training = model.training
     model.eval()
     mine = clips[rank::world_size]
     results, examples = {}, {}
     for name, mixer in conditions.items():
-        sums = [0.0] * 6  # loss, tokens, word errors, words, char errors, chars
+        sums = dict.fromkeys(("loss", "tokens") + dw.ERROR_COUNTS, 0.0)
         for start in range(0, len(mine), micro_batch):
             indices = [int(i) for i in mine[start:start + micro_batch]]
-            audio, lengths, x, y, prompts = get_batch(val, indices, tokenizer.no_timestamps, tokenizer.eot, model.dims.n_text_ctx, device)
-            own = indices if mixer is not None and mixer.pool is val else None  # a clip never babbles over itself
-            mel = log_mel(audio, lengths, model.dims.n_mels, mixer, keys=indices, exclude=own)
+            audio, lengths, x, y, _ = get_batch(val, indices, tokenizer.no_timestamps, tokenizer.eot, model.dims.n_text_ctx, device)
+            audio = audio.float() / 32768.0
+            if mixer is not None:  # a clip never babbles over itself
+                audio = mixer(audio, lengths, indices, indices if mixer.pool is val else None)
             with autocast:
-                features = model.encoder(mel)
-                logits = model.decoder(x, features)
-            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
-            sums[1] += int((y != -100).sum())
-            for prompt in sorted(set(prompts)):
-                rows = [b for b, p in enumerate(prompts) if p == prompt]
-                english = not tokenizer.multilingual or tokenizer.language_token("en") in prompt
-                max_tokens = min(model.dims.n_text_ctx - len(prompt), 2 * int((y[rows] != -100).sum(1).max()) + 8)
-                with autocast:
-                    hyps = dw.greedy_decode(model, features[rows], tokenizer, prompt=list(prompt), max_tokens=max_tokens)
-                for b, hyp in zip(rows, hyps):
-                    ref = dw.normalize_text(tokenizer.decode(y[b][y[b] != -100].tolist()), english)
-                    hyp = dw.normalize_text(tokenizer.decode(hyp), english)
-                    examples.setdefault(name, (ref, hyp))
-                    if not ref:
-                        continue
-                    w, c = jiwer.process_words(ref, hyp), jiwer.process_characters(ref, hyp)
-                    sums[2:] = [sums[2] + w.substitutions + w.deletions + w.insertions, sums[3] + w.hits + w.substitutions + w.deletions,
-                                sums[4] + c.substitutions + c.deletions + c.insertions, sums[5] + c.hits + c.substitutions + c.deletions]
-        loss, tokens, werr, words, cerr, chars = all_sum(sums, device, world_size)
-        results[name] = {"loss": loss / max(tokens, 1), "wer": werr / max(words, 1), "cer": cerr / max(chars, 1), "words": int(words)}
+                logits = model(dw.log_mel_spectrogram(audio, model.dims.n_mels), x)
+            sums["loss"] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
+            sums["tokens"] += int((y != -100).sum())
+            rows = [val.row(i) for i in indices]
+            languages = [r.get("language") for r in rows] if tokenizer.multilingual else None
+            clips_audio = [audio[b, :int(n)].cpu().numpy() for b, n in enumerate(lengths)]
+            with autocast:
+                out = dict(dw.transcribe_many(model, clips_audio, batch_size=len(indices), languages=languages, **EVAL_DECODING))
+            hyps = [out[b]["text"] if isinstance(out[b], dict) else "" for b in range(len(indices))]
+            refs = [r["text"] for r in rows]
+            examples.setdefault(name, (dw.normalize_text(refs[0], languages is None or languages[0] in (None, "en")),
+                                       dw.normalize_text(hyps[0], languages is None or languages[0] in (None, "en"))))
+            for k, v in dw.error_counts(refs, hyps, languages).items():
+                if k in sums:
+                    sums[k] += v
+        total = dict(zip(sums, all_sum(list(sums.values()), device, world_size)))
+        wer, cer = dw.error_rates(total)
+        results[name] = {"loss": total["loss"] / max(total["tokens"], 1), "wer": wer if total["words"] else 0.0,
+                         "cer": cer if total["chars"] else 0.0, "words": int(total["words"])}
     model.train(was_training)
     return results, examples
 

@@ -768,3 +768,26 @@ def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_train_and_sample_evaluate_alike(tmp_path, corpus, tiny_en_dir, capsys):
+    """train.py's evaluation and sample.py --eval with the same decoding options (train.EVAL_DECODING)
+    print the same loss-free numbers: the same noisy audio, transcripts and scoring."""
+    import sample
+
+    out = tmp_path / "run"
+    train_main(quick(corpus, tiny_en_dir, out, "--eval_only", "--eval_samples", 2, "--eval_noise", "white", "--eval_snr", -5))
+    results = records(out, "eval")[0]["results"]
+    capsys.readouterr()
+    assert sample.main(["--model", str(tiny_en_dir), "--eval", str(corpus), "--snr", "-5", "--noise", "white", "--temperature", "0",
+                        "--without_timestamps", "--no_speech_threshold", "None", "--logprob_threshold", "None",
+                        "--compression_ratio_threshold", "None"]) == 0
+    printed = {}
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"(clean|white -5 dB)\s+(\d+)\s+([\d.]+)%\s+([\d.]+)%", line)
+        if m:
+            printed[m.group(1)] = (float(m.group(3)), float(m.group(4)))
+    assert set(printed) == set(results) == {"clean", "white -5 dB"}
+    for name, (wer, cer) in printed.items():
+        assert (wer, cer) == (round(100 * results[name]["wer"], 2), round(100 * results[name]["cer"], 2)), name
+    assert printed["white -5 dB"][0] > printed["clean"][0]  # the noise was there, in both
