@@ -482,6 +482,19 @@ def resample(audio, orig_sr, new_sr=SAMPLE_RATE):
     return torch.from_numpy(y).to(audio.device) if is_tensor else y
 
 
+def mix_down(data):
+    """(n, channels) samples -> (n,): the channels' mean, the same numbers as data.mean(axis=1),
+    summed a column at a time, which is several times faster than numpy's reduction over a short
+    last axis."""
+    if data.shape[1] == 1:
+        return data[:, 0]
+    x = data[:, 0].copy()
+    for c in range(1, data.shape[1]):
+        x += data[:, c]
+    x /= data.shape[1]
+    return x
+
+
 def decode_with_av(source):
     """(float32 mono samples, sample rate) of a file or file object through PyAV, whose wheels carry
     ffmpeg's libraries: the containers and codecs soundfile does not read (m4a, mp4, webm, ...).
@@ -517,7 +530,6 @@ def load_audio(path, sr=SAMPLE_RATE):
         raise ValueError(f"audio file {path} is empty (0 bytes)")
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
-        audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError with terse messages
         why = str(e).strip().removeprefix(f"Error opening {path!r}: ") or type(e).__name__
         try:
@@ -527,6 +539,8 @@ def load_audio(path, sr=SAMPLE_RATE):
                              "that ffmpeg reads, install PyAV: pip install av") from None
         except ValueError as e2:
             raise ValueError(f"cannot decode audio file {path}: {e2} (soundfile: {why})") from None
+    else:
+        audio = mix_down(data)
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return np.ascontiguousarray(resample(audio, file_sr, sr), dtype=np.float32)

@@ -48,7 +48,7 @@ import dualwhisper as dw
 
 FORMAT_VERSION = 1
 INDEX_DTYPE = np.dtype([("audio_offset", "<i8"), ("audio_len", "<i8"), ("token_offset", "<i8"), ("token_len", "<i4")])
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a", ".mp4", ".aac", ".webm", ".wma")
 MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 NOISE_SEGMENT_SECONDS = 30  # long noise recordings are cut into pieces of at most this length
 SHARED = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parent.parent / "shared"))
@@ -63,7 +63,7 @@ FILTERS = {
     "unsupported_language": "a language the tokenizer has no token for",
     "too_long_text": "transcript longer than the decoder's context (n_text_ctx, prompt included)",
     "missing_audio": "audio file not found",
-    "undecodable_audio": "audio that cannot be decoded, is empty or holds NaN",
+    "undecodable_audio": "audio that cannot be decoded (m4a, mp4, webm, ... need PyAV: pip install av), is empty or holds NaN",
     "too_long_audio": "audio longer than --max_seconds",
 }
 
@@ -268,9 +268,10 @@ def read_json(path):
 
 
 def decode_audio(audio, start=0, frames=-1, max_seconds=None):
-    """16 kHz mono int16 samples of an audio file or of encoded bytes (wav, flac, ogg, mp3, ...), or
-    the name of the filter that drops them. 16 kHz input is read as int16 as it is (lossless);
-    other rates are read as floats and resampled with dualwhisper.resample."""
+    """16 kHz mono int16 samples of an audio file or of encoded bytes, or the name of the filter that
+    drops them. soundfile reads wav, flac, ogg and mp3: 16 kHz input as int16 as it is (lossless),
+    other rates as floats resampled with dualwhisper.resample; other formats (m4a, mp4, webm, ...)
+    go through PyAV where it is installed, as dualwhisper.load_audio reads them."""
     import soundfile as sf
 
     if audio is None or (isinstance(audio, (str, os.PathLike)) and not os.path.isfile(audio)):
@@ -284,13 +285,17 @@ def decode_audio(audio, start=0, frames=-1, max_seconds=None):
                 f.seek(start)
             data = f.read(frames, dtype="int16" if sr == dw.SAMPLE_RATE else "float32", always_2d=True)
     except Exception:  # libsndfile reports bad data with several exception types
-        return "undecodable_audio"
+        try:
+            x, sr = dw.decode_with_av(io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else audio)
+        except Exception:  # PyAV missing, or the data not audio it knows
+            return "undecodable_audio"
+        data = x[start: None if frames < 0 else start + frames, None]  # (n, 1), mixed down already
     if data.shape[0] == 0:
         return "undecodable_audio"
     if data.dtype == np.int16:
         pcm = data[:, 0] if channels == 1 else (data.astype(np.int32).sum(axis=1) // channels).astype(np.int16)
     else:
-        x = data[:, 0] if channels == 1 else data.mean(axis=1)
+        x = dw.mix_down(data)
         if not np.isfinite(x).all():
             return "undecodable_audio"
         pcm = to_int16(dw.resample(x, sr, dw.SAMPLE_RATE))

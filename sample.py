@@ -255,6 +255,7 @@ def load(args):
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("float16" if str(args.device).startswith("cuda") else "float32"))
     model = dw.load_model(args.model, device=args.device, dtype=dtype)
+    model.requires_grad_(False)  # else the encoder records every window's activations for a backward pass that never comes
     if args.compile:
         model.decoder.hidden = torch.compile(model.decoder.hidden, dynamic=True)
     elif not args.eval:  # (--eval decodes as train.py's evaluation does, with the float32 products)

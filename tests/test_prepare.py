@@ -590,3 +590,23 @@ def test_original_projects_spellings(corpus, parquet_dataset, tmp_path, tiny_en_
     assert run("--hf_dataset", parquet_dataset.folder, *hf, "--output_dir", tmp_path / "d", "--language", "az") == 2
     err = capsys.readouterr().err
     assert "English-only" in err and "multilingual --model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_containers_soundfile_cannot_read(tmp_path, jfk_audio, tiny_en_dir, monkeypatch):
+    """m4a files in a folder, and m4a bytes as a dataset row carries them, are prepared through PyAV
+    as dualwhisper.load_audio reads them; without PyAV they are dropped as undecodable."""
+    from test_audio import _encode
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for i in range(2):
+        _encode(folder / f"c{i}.m4a", "ipod", "aac", jfk_audio[16000 * i: 16000 * (i + 2)], 16000)
+        (folder / f"c{i}.txt").write_text("ask not")
+    assert run("--input", folder, "--out", tmp_path / "out", "--model", tiny_en_dir, "--val_fraction", 0) == 0
+    got = contents(tmp_path / "out", "train")
+    for i in range(2):
+        ref = pp.to_int16(dw.load_audio(folder / f"c{i}.m4a"))
+        assert np.array_equal(got[f"c{i}"][2], ref)
+        assert np.array_equal(pp.decode_audio((folder / f"c{i}.m4a").read_bytes()), ref)  # bytes, as parquet rows hold them
+    monkeypatch.setitem(sys.modules, "av", None)
+    assert pp.decode_audio(str(folder / "c0.m4a")) == "undecodable_audio"
