@@ -3,7 +3,7 @@ dualwhisper: OpenAI's Whisper in one file, with a second cross-attention branch 
 layer fused with the first by a learned gate.
 
 Sections: dimensions, the model, audio front end, tokenizer, loading and saving, noise,
-decoding, transcription, text normalisation, and at the end the optional CPU decoding speed-up.
+decoding, word timestamps, transcription, text normalisation, and at the end the optional CPU decoding speed-up.
 The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_post`, ...) so that its
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """

@@ -4,6 +4,7 @@ sample.py: transcribe audio files with dualwhisper, or measure word error rates 
   python sample.py audio.wav                                  # text on stdout
   python sample.py talk.mp3 --model ../shared/models/whisper-tiny.en --beam_size 5
   python sample.py clips/*.wav --batch_size 16 --output_format srt --output_dir out/
+  python sample.py talk.mp3 --word_timestamps True -f srt --max_line_width 42 --max_line_count 2
   python sample.py --eval data/az --split val --snr 10 5 0 --noise babble
   python sample.py --eval manifest.jsonl                      # {"path": ..., "text": ...} per line
 

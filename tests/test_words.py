@@ -2,6 +2,7 @@
 the same weights (its alignment heads set from the checkpoint's generation config), and the output
 files that carry words (srt, vtt, tsv, json) against openai-whisper's writers."""
 
+import copy
 import json
 import re
 
@@ -100,6 +101,46 @@ def test_word_timestamps_match_openai_whisper_on_long_audio(long_words):
     assert len({s["seek"] for s in ours["segments"]}) >= 2 and _words(ours)[-1]["end"] > 50
 
 
+def _synthetic_window(rng, eot):
+    """Segments of one window and an alignment of their words as DTW might give it: words of
+    20 ms steps, some far too long, pauses, punctuation of their own, sentence ends."""
+    vocab = [" so", " we", " went", " home", " and", " then", " it", " rained", ",", ".", "?", " (", ")", '"']
+    t, alignment, tokens = int(rng.integers(0, 100)), [], []
+    for k in range(int(rng.integers(3, 14))):
+        word = vocab[int(rng.integers(len(vocab)))]
+        t += int(rng.choice([0, 0, 5, 150, 300])) if k else 0  # a pause before some words
+        length = int(rng.choice([0, 3, 10, 20, 60, 120, 200]))  # 0 to 4 s
+        toks = [int(x) for x in rng.integers(1, eot, int(rng.integers(1, 3)))]
+        alignment.append(dict(word=word, tokens=toks, start=t / 50, end=(t + length) / 50, probability=float(rng.random())))
+        tokens += toks
+        t += length
+    cut = sorted(int(x) for x in rng.integers(1, len(tokens), 2)) if len(tokens) > 2 else [len(tokens)] * 2
+    seek = int(rng.integers(0, 2000))
+    offset = seek / 100
+    segments = []
+    for a, b in zip([0] + cut, cut + [len(tokens)]):
+        start, end = sorted(offset + rng.integers(0, 1500, 2) / 50)
+        segments.append(dict(seek=seek, start=float(start), end=float(end), tokens=[eot + 10] + tokens[a:b] + [eot + 20]))
+    return segments, alignment, float(offset + rng.integers(-200, 300) / 50)
+
+
+def test_word_corrections_match_openai_whisper(tiny_en, monkeypatch):
+    """openai-whisper's corrections of the aligned words (long words cut at sentence ends and after
+    pauses, punctuation merged, segment bounds moved to the words or the words to the bounds) on
+    many made-up windows, the alignment itself given to both."""
+    timing = need("whisper.timing")
+    tokenizer = dw.get_tokenizer(tiny_en)
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        segments, alignment, last_speech = _synthetic_window(rng, tokenizer.eot)
+        monkeypatch.setattr(dw, "find_alignment", lambda *args, **kw: copy.deepcopy(alignment))
+        monkeypatch.setattr(timing, "find_alignment", lambda *a, **kw: [timing.WordTiming(**w) for w in copy.deepcopy(alignment)])
+        ours, ref = copy.deepcopy(segments), copy.deepcopy(segments)
+        dw.add_word_timestamps(tiny_en, tokenizer, ours, None, 3000, last_speech)
+        timing.add_word_timestamps(segments=ref, model=None, tokenizer=tokenizer, mel=None, num_frames=3000, last_speech_timestamp=last_speech)
+        assert ours == ref, case
+
+
 def test_punctuation_is_merged_into_words(tiny_en):
     tokenizer = dw.get_tokenizer(tiny_en)
     tokens = tokenizer.encode(' "Hello," she said (quietly). Done!')
@@ -113,8 +154,6 @@ def test_punctuation_is_merged_into_words(tiny_en):
 def test_dual_models_align_with_the_primary_branch(tiny_en, jfk_audio):
     """The second branch's attention (random, here) does not move the words: the alignment heads
     are read from cross_attn."""
-    import copy
-
     model = copy.deepcopy(tiny_en)
     with torch.no_grad():
         for block in model.decoder.blocks:
