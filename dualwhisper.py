@@ -3,7 +3,7 @@ dualwhisper: OpenAI's Whisper in one file, with a second cross-attention branch 
 layer fused with the first by a learned gate.
 
 Sections: dimensions, the model, audio front end, tokenizer, loading and saving, noise,
-decoding, transcription, text normalisation, and at the end the optional CPU decoding speed-up.
+decoding, word timestamps, transcription, text normalisation, and at the end the optional CPU decoding speed-up.
 The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_post`, ...) so that its
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """
@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import string
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -1714,6 +1715,233 @@ def greedy_decode(model, mel, tokenizer, prompt=None, max_tokens=None):
 
 
 # -----------------------------------------------------------------------------
+# word timestamps: openai-whisper's method. Some cross-attention heads (the checkpoint's alignment
+# heads) look at the audio frames being spoken as each token is read; dynamic time warping finds
+# the monotonic path of strongest attention from tokens to frames, and each word takes the times
+# where the path enters its first token and leaves its last. Heuristics then trim words that
+# swallow pauses, exactly as openai-whisper's do, so that the same weights give the same times.
+
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # merged into the word that follows
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # merged into the word before
+_SENTENCE_ENDS = ".。!！?？"
+_NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "my", "yue"}  # words split where characters end, not at spaces
+
+
+def alignment_heads(model):
+    """The (layer, head) pairs whose cross-attention follows the speech in time: the checkpoint's
+    generation_config["alignment_heads"], or, as openai-whisper without a list, every head of the
+    decoder's second half. On dual models these are heads of the primary branch (`cross_attn`),
+    the official one that the heads were found in; the second branch has no known alignment heads."""
+    heads = model.generation_config.get("alignment_heads")
+    if not heads:
+        L, H = model.dims.n_text_layer, model.dims.n_text_head
+        heads = [(layer, head) for layer in range(L // 2, L) for head in range(H)]
+    return sorted((int(layer), int(head)) for layer, head in heads)
+
+
+def median_filter(x, width):
+    """Median over a sliding window of odd `width` along the last dimension, reflected at the ends."""
+    assert width > 0 and width % 2 == 1, "the median filter's width must be odd"
+    pad = width // 2
+    if x.shape[-1] <= pad:  # too short to reflect
+        return x
+    return F.pad(x, (pad, pad), mode="reflect").unfold(-1, width, 1).sort()[0][..., pad]
+
+
+def dtw(cost):
+    """The monotonic path of least total cost through `cost` (N tokens, M frames), from (0, 0) to
+    (N - 1, M - 1), moving diagonally, to the next token or to the next frame; on ties the next
+    frame, and sums kept in float32, as openai-whisper does, so that paths are the same. The
+    table is filled an anti-diagonal at a time (each depends on the two before it only).
+    Returns the token indices and the frame indices along the path."""
+    x = np.asarray(cost, dtype=np.float64)
+    N, M = x.shape
+    total = np.full((N + 1, M + 1), np.inf, dtype=np.float32)
+    total[0, 0] = 0
+    step = np.zeros((N + 1, M + 1), dtype=np.int8)  # 0: diagonal, 1: from the previous token, 2: from the previous frame
+    for d in range(2, N + M + 1):
+        i = np.arange(max(1, d - M), min(N, d - 1) + 1)
+        j = d - i
+        diag, up, left = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
+        t = np.where((diag < up) & (diag < left), 0, np.where((up < diag) & (up < left), 1, 2))
+        total[i, j] = x[i - 1, j - 1] + np.choose(t, [diag, up, left])  # float64 sum, stored as float32
+        step[i, j] = t
+    step[0, :], step[:, 0] = 2, 1  # along the edges, straight back to the start
+    i, j, path = N, M, []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        t = step[i, j]
+        i, j = (i - 1, j - 1) if t == 0 else (i - 1, j) if t == 1 else (i, j - 1)
+    path = np.array(path[::-1]).T
+    return path[0], path[1]
+
+
+def split_to_word_tokens(tokenizer, tokens, language="en"):
+    """Group tokens into words: (words, tokens of each word). A word starts at a token whose text
+    begins with a space, at punctuation and at special tokens; in languages written without
+    spaces (Chinese, Japanese, Thai, ...) wherever a whole character ends."""
+    pieces, piece_tokens = _split_on_unicode(tokenizer, tokens)
+    if language in _NO_SPACE_LANGUAGES:
+        return pieces, piece_tokens
+    words, word_tokens = [], []
+    for piece, toks in zip(pieces, piece_tokens):
+        if not words or toks[0] >= tokenizer.eot or piece.startswith(" ") or piece.strip() in string.punctuation:
+            words.append(piece)
+            word_tokens.append(list(toks))
+        else:
+            words[-1] += piece
+            word_tokens[-1].extend(toks)
+    return words, word_tokens
+
+
+def _split_on_unicode(tokenizer, tokens):
+    """Pieces of the fewest tokens that decode to whole characters (a character's bytes may span
+    tokens; a replacement character that is in the full text is a character of its own)."""
+    full = tokenizer.decode_with_timestamps(tokens)
+    pieces, piece_tokens, current, offset = [], [], [], 0
+    for token in tokens:
+        current.append(token)
+        text = tokenizer.decode_with_timestamps(current)
+        if "\ufffd" not in text or full[offset + text.index("\ufffd")] == "\ufffd":
+            pieces.append(text)
+            piece_tokens.append(current)
+            current = []
+            offset += len(text)
+    return pieces, piece_tokens
+
+
+@torch.no_grad()
+def find_alignment(model, tokenizer, features, text_tokens, num_frames, language="en", task="transcribe", medfilt_width=7):
+    """Words of `text_tokens` with their start and end in seconds from the window's start and the
+    mean probability of their tokens, for one window: features (1, n_audio_ctx, C) of its audio,
+    whose first num_frames mel frames hold sound. The decoder reads the text after the start of
+    transcript and <|notimestamps|>; the alignment heads' attention over the sounding frames,
+    normalised per frame over the tokens and median filtered in time, is what DTW follows."""
+    if not text_tokens:
+        return []
+    start = tokenizer.sot_sequence(language, task) + [tokenizer.no_timestamps]
+    tokens = torch.tensor([start + list(text_tokens) + [tokenizer.eot]], device=features.device)
+    details = []
+    logits = model.decoder(tokens, features, details=details)[0]  # (T, n_vocab); details: per layer, weights (1, H, T, S)
+    probs = logits[len(start) - 1:-2, :tokenizer.eot].float().softmax(dim=-1)  # the distribution each text token was read from
+    token_probs = probs[torch.arange(len(text_tokens)), torch.tensor(text_tokens)].tolist()
+
+    weights = torch.stack([details[layer]["cross_attn"][0, head] for layer, head in alignment_heads(model)])  # (heads, T, S)
+    weights = weights[:, :, :num_frames // 2].float().cpu()
+    weights = weights / weights.sum(dim=-1, keepdim=True)  # the softmax over the sounding frames only, as openai-whisper's
+    std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
+    weights = median_filter((weights - mean) / std, medfilt_width)
+    matrix = weights.mean(dim=0)[len(start) - 1:-1]  # (text tokens + end of text, frames)
+    token_index, frame_index = dtw(-matrix)
+
+    words, word_tokens = split_to_word_tokens(tokenizer, list(text_tokens) + [tokenizer.eot], language)
+    if len(word_tokens) <= 1:  # the end of text alone
+        return []
+    bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))  # first token of each word, and the end of text
+    enters = np.pad(np.diff(token_index), (1, 0), constant_values=1).astype(bool)  # where the path reaches a new token
+    times = frame_index[enters] / TOKENS_PER_SECOND
+    return [dict(word=w, tokens=t, start=float(times[a]), end=float(times[b]), probability=float(np.mean(token_probs[a:b])))
+            for w, t, a, b in zip(words, word_tokens, bounds[:-1], bounds[1:])]
+
+
+def merge_punctuations(alignment, prepended=PREPEND_PUNCTUATIONS, appended=APPEND_PUNCTUATIONS):
+    """In place: opening punctuation (a word of its own after a space) joins the word after it,
+    closing punctuation the word before it; the emptied entries stay, as ''."""
+    following = len(alignment) - 1
+    for i in range(len(alignment) - 2, -1, -1):
+        prev, nxt = alignment[i], alignment[following]
+        if prev["word"].startswith(" ") and prev["word"].strip() in prepended:
+            nxt["word"], nxt["tokens"] = prev["word"] + nxt["word"], prev["tokens"] + nxt["tokens"]
+            prev["word"], prev["tokens"] = "", []
+        else:
+            following = i
+    previous = 0
+    for j in range(1, len(alignment)):
+        prev, nxt = alignment[previous], alignment[j]
+        if not prev["word"].endswith(" ") and nxt["word"] in appended:
+            prev["word"], prev["tokens"] = prev["word"] + nxt["word"], prev["tokens"] + nxt["tokens"]
+            nxt["word"], nxt["tokens"] = "", []
+        else:
+            previous = j
+
+
+def add_word_timestamps(model, tokenizer, segments, features, num_frames, last_speech_timestamp, language="en", task="transcribe",
+                        prepend_punctuations=PREPEND_PUNCTUATIONS, append_punctuations=APPEND_PUNCTUATIONS):
+    """Give each segment of one window its `words` ({word, start, end, probability}, times in
+    seconds of the file, rounded to 10 ms) with openai-whisper's corrections: a word longer than
+    twice the median word (at most 0.7 s) is cut at a sentence end, and at a segment's start after
+    a pause; a segment's start and end move to its words' unless a word runs 0.5 s past them.
+    last_speech_timestamp: the end of the last word before this window."""
+    if not segments:
+        return
+    per_segment = [[t for t in s["tokens"] if t < tokenizer.eot] for s in segments]
+    alignment = find_alignment(model, tokenizer, features, [t for tokens in per_segment for t in tokens], num_frames, language, task)
+    durations = np.array([w["end"] - w["start"] for w in alignment])
+    durations = durations[durations.nonzero()]
+    median = min(0.7, float(np.median(durations))) if len(durations) else 0.0
+    longest = median * 2
+    if len(durations):  # words at sentence ends no longer than twice the median
+        for prev, w in zip(alignment, alignment[1:]):
+            if w["end"] - w["start"] > longest:
+                if w["word"] in _SENTENCE_ENDS:
+                    w["end"] = w["start"] + longest
+                elif prev["word"] in _SENTENCE_ENDS:
+                    w["start"] = w["end"] - longest
+    merge_punctuations(alignment, prepend_punctuations, append_punctuations)
+
+    time_offset = segments[0]["seek"] * HOP_LENGTH / SAMPLE_RATE
+    index = 0
+    for segment, tokens in zip(segments, per_segment):
+        taken, words = 0, []
+        while index < len(alignment) and taken < len(tokens):  # the words of this segment's tokens
+            w = alignment[index]
+            if w["word"]:
+                words.append(dict(word=w["word"], start=round(time_offset + w["start"], 2), end=round(time_offset + w["end"], 2),
+                                  probability=w["probability"]))
+            taken += len(w["tokens"])
+            index += 1
+        if words:
+            first = words[0]
+            # after a pause, the first words no longer than twice the median
+            if first["end"] - last_speech_timestamp > median * 4 and (
+                    first["end"] - first["start"] > longest or (len(words) > 1 and words[1]["end"] - first["start"] > longest * 2)):
+                if len(words) > 1 and words[1]["end"] - words[1]["start"] > longest:
+                    first["end"] = words[1]["start"] = max(words[1]["end"] / 2, words[1]["end"] - longest)
+                first["start"] = max(0, first["end"] - longest)
+            # the segment's own start and end, where its first or last word is too long
+            if segment["start"] < first["end"] and segment["start"] - 0.5 > first["start"]:
+                first["start"] = max(0, min(first["end"] - median, segment["start"]))
+            else:
+                segment["start"] = first["start"]
+            if segment["end"] > words[-1]["start"] and segment["end"] + 0.5 < words[-1]["end"]:
+                words[-1]["end"] = max(words[-1]["start"] + median, segment["end"])
+            else:
+                segment["end"] = words[-1]["end"]
+            last_speech_timestamp = segment["end"]
+        segment["words"] = words
+
+
+def _words_end(segments):
+    """The end of the last word, or of the last segment when none has words (None: no segments)."""
+    return next((w["end"] for s in reversed(segments) for w in reversed(s["words"])), segments[-1]["end"] if segments else None)
+
+
+def _is_anomaly(segment):
+    """openai-whisper's guess that a segment is a hallucination: its first eight words (punctuation
+    aside) are mostly improbable (p < 0.15), very short (< 0.133 s) or very long (> 2 s)."""
+    if segment is None or not segment["words"]:
+        return False
+    words = [w for w in segment["words"] if w["word"] not in PREPEND_PUNCTUATIONS + APPEND_PUNCTUATIONS][:8]
+    score = sum(_anomaly_score(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def _anomaly_score(word):
+    duration = word["end"] - word["start"]
+    return (word["probability"] < 0.15) + max(0.0, 0.133 - duration) * 15 + max(0.0, duration - 2.0)
+
+
+# -----------------------------------------------------------------------------
 # transcription: 30-second windows, moved on by the timestamps the model predicts
 
 MEL_CHUNK_FRAMES = 10 * 60 * FRAMES_PER_SECOND  # log-mel of long files computed 10 minutes at a time
@@ -1740,37 +1968,70 @@ def padded_log_mel(audio, n_mels=80, chunk_frames=MEL_CHUNK_FRAMES):
     return (out + 4.0) / 4.0
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """What a transcription does besides decoding windows: openai-whisper's options of `transcribe`."""
+
+    task: str = "transcribe"
+    initial_prompt: str = None
+    condition_on_previous_text: bool = True
+    compression_ratio_threshold: float = 2.4
+    logprob_threshold: float = -1.0
+    no_speech_threshold: float = 0.6
+    clip_timestamps: tuple = (0.0,)
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
+    hallucination_silence_threshold: float = None
+
+
 class _Transcript:
     """One file's way through openai-whisper's transcription loop, cut in two at the decoding of
     a window (`window`, then `add`), so that the windows of many files can decode together."""
 
-    def __init__(self, model, tokenizer, audio, language, initial_prompt, condition_on_previous_text, no_speech_threshold, logprob_threshold):
+    def __init__(self, model, tokenizer, audio, language, rules):
+        self.model, self.tokenizer, self.language, self.rules = model, tokenizer, language, rules
         self.mel = padded_log_mel(audio, model.dims.n_mels)  # (n_mels, frames + 3000): 30 s of padding at the end
         self.frames = self.mel.shape[-1] - N_FRAMES
-        self.tokenizer, self.language = tokenizer, language
-        self.prompt_tokens = _prompt_tokens(tokenizer, initial_prompt) if initial_prompt is not None else []
+        self.prompt_tokens = _prompt_tokens(tokenizer, rules.initial_prompt) if rules.initial_prompt is not None else []
         self.all_tokens, self.segments = list(self.prompt_tokens), []
         self.prompt_reset_since = 0
-        self.condition, self.no_speech_threshold, self.logprob_threshold = condition_on_previous_text, no_speech_threshold, logprob_threshold
-        self.seek = 0
+        self.last_speech = 0.0  # the end of the last word (word timestamps)
         self.input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per output position: 2
         self.time_precision = self.input_stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
+        points = [round(t * FRAMES_PER_SECOND) for t in rules.clip_timestamps] or [0]
+        if len(points) % 2:
+            points.append(self.frames)  # the last clip runs to the end of the file
+        self.clips = list(zip(points[::2], points[1::2]))  # (start, end) in mel frames
+        self.clip, self.seek = 0, self.clips[0][0]
 
     @property
     def done(self):
-        return self.seek >= self.frames
+        while self.clip < len(self.clips):  # move into the current clip, or on to the next
+            start, end = self.clips[self.clip]
+            self.seek = max(self.seek, start)
+            if self.seek < end:
+                return False
+            self.clip += 1
+            if self.clip < len(self.clips):
+                self.seek = self.clips[self.clip][0]
+        return True
 
     def window(self):
         """The mel window (n_mels, 3000) from the current position, and its prompt."""
-        self.size = min(N_FRAMES, self.frames - self.seek)
+        self.size = min(N_FRAMES, self.frames - self.seek, self.clips[self.clip][1] - self.seek)
         return pad_or_trim(self.mel[:, self.seek:self.seek + self.size], N_FRAMES), self.all_tokens[self.prompt_reset_since:]
 
-    def add(self, result):
+    def add(self, result, features=None):
         """Take the decoded window: cut it into segments at pairs of timestamps and move on to the
-        last complete segment's end (or past the window when it ends in silence)."""
-        seek, tb = self.seek, self.tokenizer.timestamp_begin
-        skip = self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
-        if skip and self.logprob_threshold is not None and result.avg_logprob > self.logprob_threshold:
+        last complete segment's end (or past the window when it ends in silence). With word
+        timestamps, align the words (features: the window's (1, n_audio_ctx, C) encoder output),
+        move on to the last word's end, and with a hallucination_silence_threshold skip silences
+        around segments that look like hallucinations. Returns (start, end, text) of the segments
+        to show, as openai-whisper prints them."""
+        seek, tb, rules = self.seek, self.tokenizer.timestamp_begin, self.rules
+        skip = rules.no_speech_threshold is not None and result.no_speech_prob > rules.no_speech_threshold
+        if skip and rules.logprob_threshold is not None and result.avg_logprob > rules.logprob_threshold:
             skip = False  # confident text despite the no-speech probability
         if skip:
             self.seek += self.size
@@ -1802,15 +2063,64 @@ class _Transcript:
                 duration = (timestamps[-1] - tb) * self.time_precision
             segments.append(self._segment(time_offset, time_offset + duration, range(len(tokens)), result))
             self.seek += self.size
+        if rules.word_timestamps:
+            add_word_timestamps(self.model, self.tokenizer, segments, features, self.size, self.last_speech, self.language, rules.task,
+                                rules.prepend_punctuations, rules.append_punctuations)
+            if not single_timestamp_ending:  # on from the last word's end rather than the last timestamp
+                last_word = _words_end(segments)
+                if last_word is not None and last_word > time_offset:
+                    self.seek = round(last_word * FRAMES_PER_SECOND)
+            if rules.hallucination_silence_threshold is not None:
+                segments = self._without_hallucinations(segments, seek, time_offset, single_timestamp_ending)
+                if segments is None:
+                    return []
+            last_word = _words_end(segments)
+            if last_word is not None:
+                self.last_speech = last_word
+        shown = [(s["start"], s["end"], s["text"]) for s in segments]
         for s in segments:  # an instantaneous or empty segment keeps its times only
             if s["start"] == s["end"] or not s["text"].strip():
                 s["text"], s["tokens"] = "", []
+                if rules.word_timestamps:
+                    s["words"] = []
         for s in segments:
             s["id"] = len(self.segments)
             self.segments.append(s)
             self.all_tokens.extend(s["tokens"])
-        if not self.condition or result.temperature > 0.5:
+        if not rules.condition_on_previous_text or result.temperature > 0.5:
             self.prompt_reset_since = len(self.all_tokens)  # no prompt after a high-temperature window
+        return shown
+
+    def _without_hallucinations(self, segments, seek, time_offset, single_timestamp_ending):
+        """openai-whisper's hallucination_silence_threshold: the segments to keep (None: none, the
+        window is decoded again from its first words), with the position to go on from set. A
+        segment that looks like a hallucination (`_is_anomaly`) and has silence (or another such
+        segment) on both sides is dropped with all after it, and decoding goes on from its start."""
+        threshold = self.rules.hallucination_silence_threshold
+        window_end = float((seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE)
+        if not single_timestamp_ending:
+            last_word = _words_end(segments)
+            if last_word is not None and last_word > time_offset:  # on from the last word only after a long silence
+                self.seek = round(last_word * FRAMES_PER_SECOND) if window_end - last_word > threshold else seek + self.size
+        first = next((s for s in segments if s["words"]), None)
+        if _is_anomaly(first) and first["start"] - time_offset > threshold:  # a silence, then perhaps a hallucination
+            self.seek = seek + round((first["start"] - time_offset) * FRAMES_PER_SECOND)
+            return None
+        previous_end = self.last_speech
+        for i, s in enumerate(segments):
+            if not s["words"]:
+                continue
+            if _is_anomaly(s):
+                following = next((x for x in segments[i + 1:] if x["words"]), None)
+                next_start = following["words"][0]["start"] if following is not None else time_offset + self.size * HOP_LENGTH / SAMPLE_RATE
+                silence_before = s["start"] - previous_end > threshold or s["start"] < threshold or s["start"] - time_offset < 2.0
+                silence_after = next_start - s["end"] > threshold or _is_anomaly(following) or window_end - s["end"] < 2.0
+                if silence_before and silence_after:
+                    self.seek = round(max(time_offset + 1, s["start"]) * FRAMES_PER_SECOND)
+                    if self.frames * HOP_LENGTH / SAMPLE_RATE - s["end"] < threshold:
+                        self.seek = self.frames
+                    return segments[:i]
+            previous_end = s["end"]
         return segments
 
     def _segment(self, start, end, piece, result):
@@ -1827,20 +2137,21 @@ class _Transcript:
         return dict(text=self.tokenizer.decode(self.all_tokens[len(self.prompt_tokens):]), segments=self.segments, language=self.language)
 
 
-def _needs_fallback(r, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
-    if (no_speech_threshold is not None and r.no_speech_prob > no_speech_threshold
-            and logprob_threshold is not None and r.avg_logprob < logprob_threshold):
+def _needs_fallback(r, rules):
+    if (rules.no_speech_threshold is not None and r.no_speech_prob > rules.no_speech_threshold
+            and rules.logprob_threshold is not None and r.avg_logprob < rules.logprob_threshold):
         return False  # silence: no use sampling it again
-    too_repetitive = compression_ratio_threshold is not None and r.compression_ratio > compression_ratio_threshold
-    too_unlikely = logprob_threshold is not None and r.avg_logprob < logprob_threshold
+    too_repetitive = rules.compression_ratio_threshold is not None and r.compression_ratio > rules.compression_ratio_threshold
+    too_unlikely = rules.logprob_threshold is not None and r.avg_logprob < rules.logprob_threshold
     return too_repetitive or too_unlikely
 
 
 def transcribe(model, audio, **options):
     """Transcribe one file (a path, or 16 kHz samples as numpy or torch) as openai-whisper's
-    `transcribe` does. Returns {"text", "segments", "language"}; each segment holds seek, start,
-    end, text, tokens, temperature, avg_logprob, compression_ratio, no_speech_prob, and for dual
-    models the mean gate value. Options: those of `transcribe_many` and `DecodingOptions`."""
+    `transcribe` does. Returns {"text", "segments", "language"}; each segment holds id, seek,
+    start, end, text, tokens, temperature, avg_logprob, compression_ratio, no_speech_prob, for
+    dual models the mean gate value, and with word_timestamps=True its `words`, each
+    {word, start, end, probability}. Options: those of `transcribe_many` and `DecodingOptions`."""
     ((_, result),) = transcribe_many(model, [audio], **options)
     if isinstance(result, Exception):
         raise result
@@ -1850,7 +2161,9 @@ def transcribe(model, audio, **options):
 @torch.no_grad()
 def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
                     compression_ratio_threshold=2.4, logprob_threshold=-1.0, no_speech_threshold=0.6,
-                    condition_on_previous_text=True, initial_prompt=None, languages=None, **decode_options):
+                    condition_on_previous_text=True, initial_prompt=None, word_timestamps=False,
+                    prepend_punctuations=PREPEND_PUNCTUATIONS, append_punctuations=APPEND_PUNCTUATIONS,
+                    clip_timestamps="0", hallucination_silence_threshold=None, languages=None, **decode_options):
     """Transcribe files, decoding the current windows of up to `batch_size` files together. Checks
     the options at the call, then returns a generator of (index, result) as each file finishes,
     where result is what `transcribe` returns or the exception that file raised (unreadable, say),
@@ -1863,8 +2176,16 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     are skipped. condition_on_previous_text: give each window the text so far as its prompt.
     initial_prompt: text for the first window's prompt. languages: one per file, overriding
     decode_options["language"]; None detects each file's language (multilingual models) on its
-    first 30 seconds. verbose: True prints each segment, False shows a progress bar. fp16, which
-    openai-whisper's callers pass, is accepted and ignored: the model's own dtype is used."""
+    first 30 seconds. verbose: True prints each segment as it is decoded, False shows a progress
+    bar. fp16, which openai-whisper's callers pass, is accepted and ignored: the model's own
+    dtype is used.
+
+    word_timestamps: give each segment its words with their times (openai-whisper's alignment:
+    see `add_word_timestamps`), punctuation merged into the neighbouring words by
+    prepend_punctuations and append_punctuations. clip_timestamps: "start,end,start,end,..." in
+    seconds (or a list), the parts of each file to transcribe; a last start runs to the end.
+    hallucination_silence_threshold (seconds, needs word_timestamps): skip silences longer than
+    this around segments that look like hallucinations."""
     decode_options.pop("fp16", None)
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     tries = []  # the options of each try, checked now: a bad one fails at this call, not at some window's fallback
@@ -1874,16 +2195,25 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
         if temp > 0:
             kw.pop("patience", None)
         tries.append(DecodingOptions(**kw, temperature=temp))
-    return _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_threshold, logprob_threshold, no_speech_threshold,
-                         condition_on_previous_text, initial_prompt, languages, decode_options.get("language"))
+    if isinstance(clip_timestamps, str):
+        try:
+            clip_timestamps = [float(t) for t in clip_timestamps.split(",")] if clip_timestamps.strip() else []
+        except ValueError:
+            raise ValueError(f"clip_timestamps must be seconds separated by commas (start,end,start,...), not {clip_timestamps!r}") from None
+    if any(t < 0 for t in clip_timestamps):
+        raise ValueError(f"clip_timestamps cannot be negative: {clip_timestamps}")
+    rules = _Rules(tries[0].task, initial_prompt, condition_on_previous_text, compression_ratio_threshold, logprob_threshold,
+                   no_speech_threshold, tuple(clip_timestamps), word_timestamps, prepend_punctuations, append_punctuations,
+                   hallucination_silence_threshold if word_timestamps else None)
+    return _transcribing(model, audios, batch_size, verbose, tries, rules, languages, decode_options.get("language"))
 
 
-def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_threshold, logprob_threshold, no_speech_threshold,
-                  condition_on_previous_text, initial_prompt, languages, language_option):
+def _transcribing(model, audios, batch_size, verbose, tries, rules, languages, language_option):
     """transcribe_many's generator."""
     import tqdm
 
     tokenizer = model_tokenizer(model)
+    several = not hasattr(audios, "__len__") or len(audios) > 1  # printed segments then say which file
     pending = iter(enumerate(audios))
     active = []  # (index, _Transcript)
     with tqdm.tqdm(total=0, unit="s", unit_scale=True, disable=verbose is not False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
@@ -1903,7 +2233,7 @@ def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_t
                         language = tokenizer.to_language_code(language) if tokenizer.multilingual else "en"
                     elif not tokenizer.multilingual:
                         language = "en"
-                    t = _Transcript(model, tokenizer, audio, language, initial_prompt, condition_on_previous_text, no_speech_threshold, logprob_threshold)
+                    t = _Transcript(model, tokenizer, audio, language, rules)
                 except (OSError, ValueError, RuntimeError) as e:
                     yield i, e
                     continue
@@ -1912,15 +2242,16 @@ def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_t
                     continue
                 bar.total += t.frames / FRAMES_PER_SECOND
                 bar.refresh()
-                active.append((i, t))
+                label = f"{item[1]}: " if several and isinstance(item[1], (str, Path)) else f"{i}: " if several else ""
+                active.append((i, t, label))
             if not active:
                 return
 
-            windows = [t.window() for _, t in active]
+            windows = [t.window() for _, t, _ in active]
             mel = torch.stack([w[0] for w in windows])
             features = encode_audio(model, mel)
             base = KVCache(model, features, 1)
-            unknown = [j for j, (_, t) in enumerate(active) if t.language is None]
+            unknown = [j for j, (_, t, _) in enumerate(active) if t.language is None]
             if unknown:  # detect on the first 30 s, as openai-whisper does (padding included)
                 first = torch.stack([active[j][1].mel[:, :N_FRAMES] for j in unknown])
                 if torch.equal(first, mel[unknown]):
@@ -1930,7 +2261,7 @@ def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_t
                 for j, code in zip(unknown, codes):
                     active[j][1].language = code
                     if verbose:
-                        print(f"Detected language: {LANGUAGES[code].title()}")
+                        print(f"{active[j][2]}Detected language: {LANGUAGES[code].title()}")
             results = [None] * len(active)
             todo = list(range(len(active)))
             for options in tries:
@@ -1938,22 +2269,22 @@ def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_t
                 again = []
                 for j, r in zip(todo, out):
                     results[j] = r
-                    if _needs_fallback(r, compression_ratio_threshold, logprob_threshold, no_speech_threshold):
+                    if _needs_fallback(r, rules):
                         again.append(j)
                 todo = again
                 if not todo:
                     break
             still = []
-            for (i, t), r in zip(active, results):
+            for j, ((i, t, label), r) in enumerate(zip(active, results)):
                 before = min(t.seek, t.frames)
-                for s in t.add(r):
+                for start, end, text in t.add(r, features[j:j + 1]):
                     if verbose:
-                        print(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}")
-                bar.update((min(t.seek, t.frames) - before) / FRAMES_PER_SECOND)
+                        print(f"{label}[{format_timestamp(start)} --> {format_timestamp(end)}] {text}", flush=True)
+                bar.update(max(0, min(t.seek, t.frames) - before) / FRAMES_PER_SECOND)
                 if t.done:
                     yield i, t.result()
                 else:
-                    still.append((i, t))
+                    still.append((i, t, label))
             active = still
 
 

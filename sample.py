@@ -4,6 +4,7 @@ sample.py: transcribe audio files with dualwhisper, or measure word error rates 
   python sample.py audio.wav                                  # text on stdout
   python sample.py talk.mp3 --model ../shared/models/whisper-tiny.en --beam_size 5
   python sample.py clips/*.wav --batch_size 16 --output_format srt --output_dir out/
+  python sample.py talk.mp3 --word_timestamps True -f srt --max_line_width 42 --max_line_count 2
   python sample.py --eval data/az --split val --snr 10 5 0 --noise babble
   python sample.py --eval manifest.jsonl                      # {"path": ..., "text": ...} per line
 
@@ -44,33 +45,95 @@ def write_atomic(path, text):
         raise
 
 
-def _cues(result, decimal_marker):
-    for i, s in enumerate(s for s in result["segments"] if s["text"].strip()):
-        start = dw.format_timestamp(s["start"], always_include_hours=True, decimal_marker=decimal_marker)
-        end = dw.format_timestamp(s["end"], always_include_hours=True, decimal_marker=decimal_marker)
-        yield i + 1, start, end, s["text"].strip().replace("-->", "->")
+def _cues(result, decimal_marker, max_line_width=None, max_line_count=None, highlight_words=False, max_words_per_line=None, **_):
+    """(start, end, text) of each subtitle: one per segment; with word timestamps, the words laid out
+    as openai-whisper's writers lay them out (lines of at most max_line_width characters, cues of
+    at most max_line_count lines, each word underlined in turn with highlight_words)."""
+    stamp = lambda t: dw.format_timestamp(t, always_include_hours=True, decimal_marker=decimal_marker)
+    segments = result["segments"]
+    if not segments or "words" not in segments[0]:
+        for s in segments:
+            if s["text"].strip():
+                yield stamp(s["start"]), stamp(s["end"]), s["text"].strip().replace("-->", "->")
+        return
+    for cue in _word_cues(segments, max_line_width, max_line_count, max_words_per_line):
+        start, end = stamp(cue[0]["start"]), stamp(cue[-1]["end"])
+        words = [w["word"] for w in cue]
+        if not highlight_words:
+            yield start, end, "".join(words)
+            continue
+        last = start
+        for i, w in enumerate(cue):
+            a, b = stamp(w["start"]), stamp(w["end"])
+            if a != last:  # a gap between words: the cue without underline
+                yield last, a, "".join(words)
+            yield a, b, "".join(_underline(x) if j == i else x for j, x in enumerate(words))
+            last = b
 
 
-def to_txt(result):
+def _underline(word):
+    text = word.lstrip()
+    return word[:len(word) - len(text)] + f"<u>{text}</u>"
+
+
+def _word_cues(segments, max_line_width, max_line_count, max_words_per_line):
+    """Lists of words (copies, a line break written as a leading newline), one per subtitle. Unless
+    both max_line_width and max_line_count are given, each segment (or each max_words_per_line
+    words of it) starts a subtitle; with both, subtitles break at full cues and at pauses over 3 s."""
+    keep_segments = max_line_count is None or max_line_width is None
+    width, per_line = max_line_width or 1000, max_words_per_line or 1000
+    cue, line_len, lines = [], 0, 1
+    last = next((w["start"] for s in segments for w in s["words"]), segments[0]["start"]) or 0.0
+    for s in segments:
+        for first in range(0, len(s["words"]), per_line):
+            for k, w in enumerate(s["words"][first:first + per_line]):
+                w = dict(w)
+                pause = not keep_segments and w["start"] - last > 3.0
+                new_group = k == 0 and len(cue) > 0 and keep_segments
+                if line_len > 0 and line_len + len(w["word"]) <= width and not pause and not new_group:
+                    line_len += len(w["word"])  # the same line
+                else:
+                    w["word"] = w["word"].strip()
+                    if (cue and max_line_count is not None and (pause or lines >= max_line_count)) or new_group:
+                        yield cue  # a new subtitle
+                        cue, lines = [], 1
+                    elif line_len > 0:
+                        lines += 1  # a new line
+                        w["word"] = "\n" + w["word"]
+                    line_len = len(w["word"].strip())
+                cue.append(w)
+                last = w["start"]
+    if cue:
+        yield cue
+
+
+def to_txt(result, **_):
     return "".join(s["text"].strip() + "\n" for s in result["segments"] if s["text"].strip())
 
 
-def to_srt(result):
-    return "".join(f"{i}\n{a} --> {b}\n{text}\n\n" for i, a, b, text in _cues(result, ","))
+def to_srt(result, **options):
+    return "".join(f"{i}\n{a} --> {b}\n{text}\n\n" for i, (a, b, text) in enumerate(_cues(result, ",", **options), 1))
 
 
-def to_vtt(result):
-    return "WEBVTT\n\n" + "".join(f"{a} --> {b}\n{text}\n\n" for _, a, b, text in _cues(result, "."))
+def to_vtt(result, **options):
+    return "WEBVTT\n\n" + "".join(f"{a} --> {b}\n{text}\n\n" for a, b, text in _cues(result, ".", **options))
 
 
-def to_json(result):
-    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob", "gate")
+def to_tsv(result, **_):
+    """Start and end in whole milliseconds, then the text: no decimal marker to get wrong."""
+    rows = [f"{round(1000 * s['start'])}\t{round(1000 * s['end'])}\t{s['text'].strip().replace(chr(9), ' ')}\n"
+            for s in result["segments"] if s["text"].strip()]
+    return "start\tend\ttext\n" + "".join(rows)
+
+
+def to_json(result, **_):
+    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob", "gate", "words")
     segments = [json.dumps({k: s[k] for k in keys if k in s}, ensure_ascii=False) for s in result["segments"]]
     head = json.dumps({"text": result["text"], "language": result["language"]}, ensure_ascii=False)[:-1]
     return head + ', "segments": [' + "".join(f"\n  {s}," for s in segments).rstrip(",") + "\n]}\n"
 
 
-WRITERS = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "json": to_json}
+WRITERS = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv, "json": to_json}
 
 
 # -----------------------------------------------------------------------------
@@ -186,10 +249,21 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (pays off on long jobs)")
     p.add_argument("--batch_size", type=int, default=8, help="windows (of different files) decoded together")
     g = p.add_argument_group("output")
-    g.add_argument("--output_format", "-f", choices=["txt", "srt", "vtt", "json", "all"], default=None,
+    g.add_argument("--output_format", "-f", choices=list(WRITERS) + ["all"], default=None,
                    help="write files of this format (default: text on stdout only)")
     g.add_argument("--output_dir", "-o", default=None, help="folder for the files (default: the current one)")
-    g.add_argument("--verbose", action="store_true", help="print each segment with its times as it is decoded")
+    g.add_argument("--verbose", type=_bool, nargs="?", const=True, default=None,
+                   help="print each segment with its times as it is decoded (default: on a terminal); False: a progress bar")
+    g = p.add_argument_group("word timestamps (as openai-whisper)")
+    g.add_argument("--word_timestamps", type=_bool, default=False, help="find each word's start and end (json, srt, vtt)")
+    g.add_argument("--prepend_punctuations", default=dw.PREPEND_PUNCTUATIONS, help="punctuation merged into the word after it")
+    g.add_argument("--append_punctuations", default=dw.APPEND_PUNCTUATIONS, help="punctuation merged into the word before it")
+    g.add_argument("--highlight_words", type=_bool, default=False, help="srt, vtt: underline each word as it is spoken")
+    g.add_argument("--max_line_width", type=_none_or(int), default=None, help="srt, vtt: the most characters in a line")
+    g.add_argument("--max_line_count", type=_none_or(int), default=None, help="srt, vtt: the most lines in a subtitle (with --max_line_width)")
+    g.add_argument("--max_words_per_line", type=_none_or(int), default=None, help="srt, vtt: the most words in a line (without --max_line_width)")
+    g.add_argument("--hallucination_silence_threshold", type=_none_or(float), default=None,
+                   help="skip silences longer than this (seconds) around segments that look like hallucinations")
     g = p.add_argument_group("decoding (as openai-whisper)")
     g.add_argument("--task", choices=["transcribe", "translate"], default="transcribe", help="translate: any language to English")
     g.add_argument("--language", default=None, help="spoken language (code or name); default: detected on multilingual models")
@@ -208,6 +282,7 @@ def parse_args(argv=None):
     g.add_argument("--no_speech_threshold", type=_none_or(float), default=0.6,
                    help="skip a window whose no-speech probability is above this and whose logprob is below logprob_threshold")
     g.add_argument("--without_timestamps", action="store_true", help="decode text only (segments then span whole windows)")
+    g.add_argument("--clip_timestamps", default="0", help="start,end,start,end,... (seconds): the parts to transcribe; a last start runs to the end")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", default=None, metavar="DATA", help="a prepare.py folder or a manifest (JSON list or lines, CSV or TSV with path,text)")
     g.add_argument("--split", default="val", help="split of a prepared folder")
@@ -220,6 +295,10 @@ def parse_args(argv=None):
         p.error("give audio files to transcribe, or --eval DATA")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
+    if not args.word_timestamps:
+        for flag in ("highlight_words", "max_line_width", "max_line_count", "max_words_per_line", "hallucination_silence_threshold"):
+            if getattr(args, flag):
+                p.error(f"--{flag} needs --word_timestamps True")
     return args
 
 
@@ -247,7 +326,15 @@ def decode_options(args):
                 patience=args.patience, length_penalty=args.length_penalty, suppress_tokens=args.suppress_tokens,
                 initial_prompt=args.initial_prompt, condition_on_previous_text=args.condition_on_previous_text,
                 compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
-                no_speech_threshold=args.no_speech_threshold, without_timestamps=args.without_timestamps)
+                no_speech_threshold=args.no_speech_threshold, without_timestamps=args.without_timestamps,
+                clip_timestamps=args.clip_timestamps, word_timestamps=args.word_timestamps,
+                prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
+                hallucination_silence_threshold=args.hallucination_silence_threshold)
+
+
+def writer_options(args):
+    return dict(max_line_width=args.max_line_width, max_line_count=args.max_line_count, highlight_words=args.highlight_words,
+                max_words_per_line=args.max_words_per_line)
 
 
 def load(args):
@@ -290,8 +377,13 @@ def main(argv=None):
         if args.eval:
             evaluate(model, args, options)
             return 0
-        progress = False if sys.stderr.isatty() and not args.verbose else None
-        results = dw.transcribe_many(model, args.audio, batch_size=args.batch_size, verbose=True if args.verbose else progress, **options)
+        if args.max_line_count and not args.max_line_width:
+            print("warning: --max_line_count has no effect without --max_line_width", file=sys.stderr)
+        if args.max_words_per_line and args.max_line_width:
+            print("warning: --max_words_per_line has no effect with --max_line_width", file=sys.stderr)
+        verbose = sys.stdout.isatty() if args.verbose is None else args.verbose  # segments as they come, on a terminal
+        progress = False if sys.stderr.isatty() else None
+        results = dw.transcribe_many(model, args.audio, batch_size=args.batch_size, verbose=True if verbose else progress, **options)
     except (OSError, ValueError, ConnectionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -305,9 +397,10 @@ def main(argv=None):
             failed += 1
             print(f"error: {path}: {result}", file=sys.stderr)
             continue
-        print(result["text"].strip() if len(args.audio) == 1 else f"{path}: {result['text'].strip()}", flush=True)
+        if not verbose:  # else its segments were printed
+            print(result["text"].strip() if len(args.audio) == 1 else f"{path}: {result['text'].strip()}", flush=True)
         for fmt in formats:
-            write_atomic(out_dir / f"{Path(path).stem}.{fmt}", WRITERS[fmt](result))
+            write_atomic(out_dir / f"{Path(path).stem}.{fmt}", WRITERS[fmt](result, **writer_options(args)))
     if failed:
         print(f"{failed} of {len(args.audio)} files failed", file=sys.stderr)
     return 1 if failed else 0

@@ -259,7 +259,7 @@ def test_cli_bad_files_are_reported_and_the_others_complete(tiny_en_dir, jfk_pat
     assert texts[str(files["silence"])] == "" and texts[str(files["noise"])] == ""  # nothing invented
     written = sorted(p.name for p in out.iterdir())
     stems = ("jfk", "mono_8k", "noise", "silence", "stereo_22k")
-    assert written == sorted(f"{s}.{e}" for s in stems for e in ("json", "srt", "txt", "vtt"))  # nothing half-written
+    assert written == sorted(f"{s}.{e}" for s in stems for e in ("json", "srt", "tsv", "txt", "vtt"))  # nothing half-written
     doc = json.loads((out / "jfk.json").read_text())
     assert doc["language"] == "en" and doc["text"].strip().startswith("And so")
     seg = doc["segments"][0]
