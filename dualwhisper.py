@@ -66,6 +66,12 @@ def usable_device(name):
 # dimensions
 
 
+# g per token from [state, a, b]: tanh (zero-init, one value), sigmoid (convex mix, one value),
+# channel (zero-init tanh, one value per channel); layer: tanh of one zero-init scalar per layer
+GATES = ("tanh", "sigmoid", "channel", "layer")
+BRANCH2 = ("fresh", "copy")
+
+
 @dataclass
 class ModelDimensions:
     n_mels: int = 80
@@ -79,6 +85,8 @@ class ModelDimensions:
     n_text_head: int = 6
     n_text_layer: int = 4
     dual: bool = True  # second cross-attention branch + gate in every decoder layer
+    gate: str = "tanh"  # the gate's form: one of GATES
+    branch2: str = "fresh"  # the secondary branch at the start: freshly initialised, or a copy of the primary
 
     @classmethod
     def from_dict(cls, d):
@@ -102,6 +110,12 @@ class ModelDimensions:
             n_audio_layer=cfg["encoder_layers"], n_vocab=cfg["vocab_size"],
             n_text_ctx=cfg["max_target_positions"], n_text_state=cfg["d_model"],
             n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"], dual=dual)
+
+    def __post_init__(self):
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose from {', '.join(GATES)}")
+        if self.branch2 not in BRANCH2:
+            raise ValueError(f"unknown branch2 {self.branch2!r}; choose from {', '.join(BRANCH2)}")
 
     @property
     def is_multilingual(self):
@@ -597,9 +611,14 @@ class ResidualAttentionBlock(nn.Module):
     branch gets gradient g * dL/dx. Adam normalises that gradient, so the branch moves at full
     speed as soon as the gate has opened a little; a larger learning rate on the new parts
     (train.py --dual_lr_mult) opens the gate within tens of steps.
+
+    Variants for ablations (ModelDimensions.gate, .branch2): "channel" gives each channel its own
+    g (gate: Linear(3C, C)); "layer" one zero-init scalar s per layer, g = tanh(s); "sigmoid" the
+    convex mix g = sigmoid(gate([h, a, b])), g = 1/2 at init, exact only over a copied branch;
+    branch2 "copy" starts the secondary branch as a copy of the primary (b = a).
     """
 
-    def __init__(self, n_state, n_head, cross_attention=False, dual=False):
+    def __init__(self, n_state, n_head, cross_attention=False, dual=False, gate="tanh", branch2="fresh"):
         super().__init__()
         self.attn = MultiHeadAttention(n_state, n_head)
         self.attn_ln = LayerNorm(n_state)
@@ -609,19 +628,30 @@ class ResidualAttentionBlock(nn.Module):
         if self.dual:
             self.cross_attn2 = MultiHeadAttention(n_state, n_head)
             self.cross_attn2_ln = LayerNorm(n_state)
-            self.gate = Linear(3 * n_state, 1)
+            self.gate_kind, self.branch2 = gate, branch2
+            self.gate = {"tanh": Linear(3 * n_state, 1), "sigmoid": Linear(3 * n_state, 1), "channel": Linear(3 * n_state, n_state),
+                         "layer": LayerGate()}[gate]
             self.reset_dual_parameters()
         n_mlp = n_state * 4
         self.mlp = nn.Sequential(Linear(n_state, n_mlp), nn.GELU(), Linear(n_mlp, n_state))
         self.mlp_ln = LayerNorm(n_state)
 
     def reset_dual_parameters(self):
-        for m in (self.cross_attn2, self.cross_attn2_ln):
-            for sub in m.modules():
-                if hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        """Zero gate; the secondary branch fresh, or (branch2 "copy") the primary's weights."""
+        if self.branch2 == "copy":
+            self.cross_attn2.load_state_dict(self.cross_attn.state_dict())
+            self.cross_attn2_ln.load_state_dict(self.cross_attn_ln.state_dict())
+        else:
+            for m in (self.cross_attn2, self.cross_attn2_ln):
+                for sub in m.modules():
+                    if hasattr(sub, "reset_parameters"):
+                        sub.reset_parameters()
+        for p in self.gate.parameters():
+            nn.init.zeros_(p)
+
+    def gate_closed(self):
+        """g = 0 for every input: a zero tanh gate (a zero sigmoid gate is 1/2)."""
+        return self.gate_kind != "sigmoid" and not any(p.any() for p in self.gate.parameters())
 
     def cross_kv(self, xa):
         """Cross-attention keys and values of both branches for one audio window; only the primary
@@ -631,7 +661,7 @@ class ResidualAttentionBlock(nn.Module):
         head's (S, D) block 1.5x faster for one window, 1.7x for 16, than the same block strided
         through (S, H, D) (the same numbers)."""
         kv = [self.cross_attn.kv(xa)]
-        if self.dual and (self.gate.weight.any() or self.gate.bias.any()):
+        if self.dual and not self.gate_closed():
             kv.append(self.cross_attn2.kv(xa))
         return [(k.contiguous(), v.contiguous()) for k, v in kv]
 
@@ -646,13 +676,14 @@ class ResidualAttentionBlock(nn.Module):
             a = self.cross_attn(h, xa, kv=cross_kv[0] if cross_kv else None, weights=w1)
             if self.dual and (not cross_kv or len(cross_kv) > 1):
                 b = self.cross_attn2(self.cross_attn2_ln(x), xa, kv=cross_kv[1] if cross_kv else None, weights=w2)
-                g = torch.tanh(self.gate(torch.cat([h, a, b], dim=-1)))  # (B, T, 1)
+                z = self.gate(h if self.gate_kind == "layer" else torch.cat([h, a, b], dim=-1))  # (B, T, 1), channel: (B, T, C)
+                g = torch.sigmoid(z) if self.gate_kind == "sigmoid" else torch.tanh(z)
                 a = a + g * (b - a)
             elif self.dual:  # a closed gate: the secondary branch was skipped
                 g = torch.zeros_like(a[..., :1])
             if details is not None:
                 details.append({"cross_attn": w1[0], "cross_attn2": w2[0] if w2 else None,
-                                "gate": g[..., 0] if self.dual else None})
+                                "gate": g.mean(-1) if self.dual else None})
             x = x + a
         if torch.is_grad_enabled():
             return x + self.mlp(self.mlp_ln(x))
@@ -662,6 +693,17 @@ class ResidualAttentionBlock(nn.Module):
         up, _, down = self.mlp
         x += down(torch.ops.aten.gelu_(up(self.mlp_ln(x))))
         return x
+
+
+class LayerGate(nn.Module):
+    """One zero-init scalar per layer (gate "layer"): the same pre-activation for every token."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):  # (B, T, C) -> (B, T, 1)
+        return self.weight.to(x.dtype).expand(*x.shape[:-1], 1)
 
 
 class AudioEncoder(nn.Module):
@@ -765,7 +807,7 @@ class TextDecoder(nn.Module):
     half_products = False  # while decoding on a CPU (_half_precision_products): project with the embedding's half-precision copy
     _tied = None  # from hidden(tied=True) to project: the _TiedGradient of one forward
 
-    def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual):
+    def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual, gate="tanh", branch2="fresh"):
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state, _weight=torch.empty(n_vocab, n_state))  # initialised below
         self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
@@ -773,7 +815,7 @@ class TextDecoder(nn.Module):
             nn.init.normal_(self.token_embedding.weight)  # nn.Embedding's own initialisation
             nn.init.normal_(self.positional_embedding, std=0.01)
         self.blocks = nn.ModuleList(
-            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, dual=dual) for _ in range(n_layer)])
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, dual=dual, gate=gate, branch2=branch2) for _ in range(n_layer)])
         self.ln = LayerNorm(n_state)
         self.checkpointing = False
 
@@ -1041,7 +1083,8 @@ class Whisper(nn.Module):
         super().__init__()
         self.dims = dims
         self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
-        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer, dims.dual)
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer, dims.dual,
+                                   dims.gate, dims.branch2)
         self.source_dir = None  # folder with tokenizer and generation files, set by load_model
         self.generation_config = {}
 
@@ -1236,7 +1279,7 @@ def _resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file"
             f"{needs} instead, e.g. --model ../shared/models/whisper-tiny.en") from None
 
 
-def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True):
+def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True, gate=None, branch2=None):
     """Load Whisper weights into our model.
 
     `name_or_path`: an official name ("tiny.en", "small", "large-v3", "turbo"), a Hugging Face hub
@@ -1244,7 +1287,8 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
     config.json, generation and tokenizer files), OpenAI's original .pt checkpoint, or a folder
     saved by `save_model` (a fine-tuned dual model). Official weights leave the new dual-attention
     parameters freshly initialised (so the model computes exactly what Whisper computes);
-    dual=False builds plain single-attention Whisper."""
+    dual=False builds plain single-attention Whisper. gate and branch2 choose the new parts' form
+    for official weights (default "tanh" and "fresh"); ours keep the form they were trained with."""
     path = _resolve(name_or_path)
     if path.is_file() and path.suffix == ".pt":
         try:
@@ -1253,7 +1297,7 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
         if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
             raise ValueError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
-        dims = ModelDimensions(**ckpt["dims"], dual=dual)
+        dims = ModelDimensions(**ckpt["dims"], dual=dual, gate=gate or "tanh", branch2=branch2 or "fresh")
         state = dict(ckpt["model_state_dict"])
         state.setdefault("encoder.positional_embedding", sinusoids(dims.n_audio_ctx, dims.n_audio_state))
         source_dir = path.parent
@@ -1268,6 +1312,9 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
         state = _read_safetensors(path)
         if cfg.get("model_type") == "dualwhisper":  # one of ours: our names already
             dims = ModelDimensions.from_dict(cfg["dims"])
+            for name, value in (("gate", gate), ("branch2", branch2)):
+                if dims.dual and dual and value is not None and value != getattr(dims, name):
+                    raise ValueError(f"{path} was trained with {name} {getattr(dims, name)!r}, not {value!r}")
             if not dual and dims.dual:
                 state = {k: v for k, v in state.items() if not is_dual_parameter(k)}
             dims.dual = dims.dual and dual
@@ -1277,6 +1324,8 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
                 raise ValueError(f"{path} does not match its config: tensor {odd[0]!r} is missing or unexpected")
         elif cfg.get("model_type") == "whisper":
             dims = ModelDimensions.from_hf_config(cfg, dual=dual)
+            dims.gate, dims.branch2 = gate or "tanh", branch2 or "fresh"
+            dims.__post_init__()
             state = _remap(state, hf_key_map(dims), path)
         else:
             raise ValueError(f"{cfg_path} describes a {cfg.get('model_type')!r} model, not Whisper")
