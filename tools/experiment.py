@@ -99,6 +99,8 @@ def get_parser():
                                                               "a repetition loop stops there; test sentences are far shorter")
     p.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (the same audio for every model)")
     p.add_argument("--no_official", action="store_true", help="leave out the official checkpoint's row")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch in every stage (0: torch's default); 1 is far "
+                                                          "faster on a CPU that other jobs share, where threads wait for each other")
     return p
 
 
@@ -174,7 +176,7 @@ def same_data(runs, args, seeds):
     for seed in seeds:
         seen = {}
         for arm in args.arms:
-            steps = {r["iter"]: r["data"] for r in runs[f"{arm}-s{seed}"] if r["event"] == "train"}  # the last record of a step wins
+            steps = {r["iter"]: r.get("data") for r in runs[f"{arm}-s{seed}"] if r["event"] == "train"}  # the last record of a step wins
             seen[arm] = [steps.get(i) for i in range(1, args.max_iters + 1)]
         first = seen[args.arms[0]]
         out[str(seed)] = all(s == first for s in seen.values()) and all(d is not None for d in first)
@@ -233,39 +235,49 @@ def summarise(clips):
             "median_clip_wer": float(np.median(errors / words)), "loops": int((errors > 2 * words).sum()), "clips": len(clips)}
 
 
-def evaluate_model(args, name, path, data, dual):
-    """{condition: summary and per-clip errors} of one model; kept in OUT/eval/{name}.json."""
+def evaluate_models(args, models, data):
+    """{name: {condition: summary and per-clip errors}} of models {name: (path, dual)}, condition by
+    condition, every model in turn (a stop leaves comparable conditions); each model's numbers are
+    kept in OUT/eval/{name}.json as they come, and a second run reads them back."""
     import sample
     from prepare import PreparedSplit
 
-    cache_file = args.out / "eval" / f"{name}.json"
-    if cache_file.exists():
-        return json.loads(cache_file.read_text())
     split = "test" if (data / "test.index.npy").exists() else "val"
     test = PreparedSplit(data, split)
     n = min(args.test_clips, len(test))
     pool = sample._Clips(test, n)
     rows = [test.row(i) for i in range(n)]
     refs = [r["text"] for r in rows]
-    model = dw.load_model(path, device=args.device, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32, dual=dual)
-    tokenizer = dw.get_tokenizer(model)
-    languages = None if (args.language or not tokenizer.multilingual) else [r.get("language") for r in rows]
-    english = (args.language or "en") == "en" if languages is None else all(lang in (None, "en") for lang in languages)
-    options = sample.decode_options(sample.parse_args(["--eval", str(data)] + (["--language", args.language] if args.language else [])))
-    options["sample_len"] = min(args.sample_len, model.dims.n_text_ctx // 2)
-    out = {}
+    out, loaded = {}, {}
+    for name in models:
+        cache_file = args.out / "eval" / f"{name}.json"
+        out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     for kind, snr, mixer in conditions(args, data, pool):
-        t0 = time.time()
-        hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
-        clips = score(refs, hyps, english)
         key = kind if snr is None else f"{kind} {snr:g}"
-        out[key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
-                    "example": hyps[0], "seconds": round(time.time() - t0, 2)}
-        print(f"  {name}: {key:<12} WER {100 * out[key]['wer']:6.1f}%  "
-              f"capped {100 * out[key]['capped_wer']:5.1f}%  ({out[key]['seconds']:.0f} s)", flush=True)
-    out["_params"] = sum(p.numel() for p in model.parameters())
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(out))
+        for name, (path, dual) in models.items():
+            if key in out[name]:
+                continue
+            if name not in loaded:
+                model = dw.load_model(path, device=args.device, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32, dual=dual)
+                tokenizer = dw.get_tokenizer(model)
+                languages = None if (args.language or not tokenizer.multilingual) else [r.get("language") for r in rows]
+                english = (args.language or "en") == "en" if languages is None else all(lang in (None, "en") for lang in languages)
+                options = sample.decode_options(sample.parse_args(["--eval", str(data)] + (["--language", args.language] if args.language else [])))
+                options["sample_len"] = min(args.sample_len, model.dims.n_text_ctx // 2)
+                loaded[name] = (model, languages, english, options)
+                out[name]["_params"] = sum(p.numel() for p in model.parameters())
+            model, languages, english, options = loaded[name]
+            t0 = time.time()
+            hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
+            clips = score(refs, hyps, english)
+            out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
+                              "example": hyps[0], "seconds": round(time.time() - t0, 2)}
+            print(f"  {name}: {key:<12} WER {100 * out[name][key]['wer']:6.1f}%  "
+                  f"capped {100 * out[name][key]['capped_wer']:5.1f}%  ({out[name][key]['seconds']:.0f} s)", flush=True)
+            cache_file = args.out / "eval" / f"{name}.json"
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.with_suffix(".tmp").write_text(json.dumps(out[name]))
+            os.replace(cache_file.with_suffix(".tmp"), cache_file)
     return out
 
 
@@ -394,20 +406,22 @@ def plot(args, results, keys, arms):
 def main(argv=None):
     args = resolve(get_parser().parse_args(argv))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # train.py and prepare.py, run as commands
     t0 = time.time()
     print(f"experiment: {args.out}: arms {args.arms}, seeds {args.seeds}, {args.init_from}, {args.max_iters} steps of {args.batch_size}",
           flush=True)
     data = make_data(args)
     evals, runs, seeds = {}, {}, args.seeds
-    if not args.no_official:
-        evals["official"] = evaluate_model(args, "official", args.init_from, data, False)
     for k, seed in enumerate(seeds):  # seed by seed, the results rewritten after each: a stop leaves the seeds done
         runs.update(train_seed(args, data, seed))
         checks = same_data(runs, args, seeds[:k + 1])
         print(f"same clips and noisy log-mel for every arm of seed {seed}: {checks[str(seed)]}", flush=True)
-        for arm in args.arms:
-            name = f"{arm}-s{seed}"
-            evals[name] = evaluate_model(args, name, args.out / "runs" / name / "latest", data, "--plain" not in ARMS[arm])
+        evals.update(evaluate_models(args, {f"{arm}-s{seed}": (args.out / "runs" / f"{arm}-s{seed}" / "latest", "--plain" not in ARMS[arm])
+                                            for arm in args.arms}, data))
+        if k == 0 and not args.no_official:  # the official checkpoint's row, once the first seed's comparison is in
+            evals.update(evaluate_models(args, {"official": (args.init_from, False)}, data))
         args.seeds = seeds[:k + 1]
         write_results(args, data, runs, evals, checks, bank_split_of(data))
         print((args.out / "results.md").read_text(), flush=True)
