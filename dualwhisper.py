@@ -27,6 +27,8 @@ import torch.nn.functional as F
 # dimensions
 
 
+
+
 @dataclass
 class ModelDimensions:
     n_mels: int = 80
@@ -46,8 +48,8 @@ class ModelDimensions:
     def __post_init__(self):
         if self.gate not in GATES:
             raise ValueError(f"unknown gate {self.gate!r}: expected one of {', '.join(GATES)}")
-        if self.branch2 not in ("fresh", "copy"):
-            raise ValueError(f"unknown branch2 {self.branch2!r}: expected fresh or copy")
+        if self.branch2 not in BRANCH2:
+            raise ValueError(f"unknown branch2 {self.branch2!r}: expected one of {', '.join(BRANCH2)}")
 
     @classmethod
     def from_dict(cls, d):
@@ -179,7 +181,8 @@ class MultiHeadAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, C)), weights
 
 
-GATES = ("tanh", "sigmoid", "channel", "layer")
+GATES = ("tanh", "sigmoid", "channel", "layer")  # ModelDimensions.gate
+BRANCH2 = ("fresh", "copy")  # ModelDimensions.branch2
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -2208,6 +2211,7 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     return _transcribing(model, audios, batch_size, verbose, tries, rules, languages, decode_options.get("language"))
 
 
+@torch.no_grad()  # (on the generator itself: transcribe_many returns it, and its own decorator ends there)
 def _transcribing(model, audios, batch_size, verbose, tries, rules, languages, language_option):
     """transcribe_many's generator."""
     import tqdm

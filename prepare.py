@@ -6,8 +6,10 @@ prepare.py: turn speech datasets into dualwhisper's training format.
   python prepare.py --hf_dataset LocalDoc/azerbaijani_asr --language az \\
                     --model ../shared/tokenizers/whisper-multilingual --out data/az
   python prepare.py --noise_dir noises/ --out data/az        # add a noise bank to a prepared folder
+  python prepare.py --corpus data/corpus --hours 2 --languages en   # an experiment corpus made with espeak-ng
 
-The format (one output folder, in the spirit of nanoGPT's train.bin), per split (train, val, noise):
+The format (one output folder, in the spirit of nanoGPT's train.bin), per split (train, val, and
+optionally test (from a manifest's split column), noise and noise_test (held-out noise recordings)):
   {split}.audio.bin    every clip's 16 kHz audio as int16 samples, one after another
   {split}.tokens.bin   every clip's decoder tokens as uint16: <|startoftranscript|> [language task]
                        <|notimestamps|> text tokens <|endoftext|>  (empty for noise)
@@ -414,6 +416,7 @@ class Transcripts:
 PATH_COLUMNS = ("path", "audio", "file", "audio_path", "audio_filepath", "filename")
 TEXT_COLUMNS = ("text", "sentence", "transcript", "transcription")
 LANGUAGE_COLUMNS = ("language", "lang", "locale")
+SPLITS = ("train", "val", "test")  # a manifest's split column may name these; without one, train and val by hash
 
 
 def _json_lines(lines):
@@ -524,7 +527,7 @@ class LocalSource:
             return found[0] if found else None
 
         return {"path": pick(PATH_COLUMNS, "audio path"), "text": pick(TEXT_COLUMNS, "transcript"),
-                "language": pick(LANGUAGE_COLUMNS, None)}
+                "language": pick(LANGUAGE_COLUMNS, None), "split": pick(("split",), None)}
 
     def items(self, cursor=None, work=None):
         start = cursor or 0
@@ -543,7 +546,12 @@ class LocalSource:
             path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             uid = row.get("id") if row.get("id") not in (None, "") else Path(rel).with_suffix("").as_posix()
             language = next((row[k] for k in LANGUAGE_COLUMNS if row.get(k) not in (None, "")), None)  # JSON rows may differ in keys
-            yield {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language}
+            item = {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language}
+            if c["split"] is not None:
+                if row.get(c["split"]) not in SPLITS:
+                    raise PrepareError(f"{self.manifest}: row {n + 1} has split {row.get(c['split'])!r}; expected one of {', '.join(SPLITS)}")
+                item["split"] = row[c["split"]]
+            yield item
 
     def _txt_items(self, start):
         for rel in self.files[start:]:
@@ -908,14 +916,17 @@ def prepare_speech(out, source, model=DEFAULT_MODEL, language=None, task="transc
         raise PrepareError("a multilingual tokenizer needs each clip's language: pass --language (e.g. az) or give a language column")
     settings = {"tokenizer": tok_info, "language": transcripts.language, "task": task, "val_fraction": val_fraction,
                 "max_seconds": max_seconds, "n_text_ctx": n_text_ctx}
-    return run_job(out, "speech", source, ("train", "val"), lambda item: transcripts(item.get("text"), item.get("language")),
-                   lambda item: split_of(item["id"], val_fraction), settings, workers, max_seconds, restart, checkpoint_every, log)
+    given = getattr(source, "columns", {}).get("split") is not None  # a manifest's own split column
+    return run_job(out, "speech", source, SPLITS if given else ("train", "val"), lambda item: transcripts(item.get("text"), item.get("language")),
+                   lambda item: item["split"] if given else split_of(item["id"], val_fraction), settings, workers, max_seconds,
+                   restart, checkpoint_every, log)
 
 
-def prepare_noise(out, folder, workers=2, restart=False, checkpoint_every=5.0, log=log):
-    """Every recording under `folder` -> split noise of `out` (no tokens)."""
-    return run_job(out, "noise", NoiseSource(folder), ("noise",), lambda item: {"tokens": [], "text": "", "language": None},
-                   lambda item: "noise", {"segment_seconds": NOISE_SEGMENT_SECONDS}, workers, None, restart, checkpoint_every, log)
+def prepare_noise(out, folder, workers=2, restart=False, checkpoint_every=5.0, log=log, split="noise"):
+    """Every recording under `folder` -> split `split` of `out` (no tokens): noise for training, or
+    noise_test, recordings kept for evaluation."""
+    return run_job(out, split, NoiseSource(folder), (split,), lambda item: {"tokens": [], "text": "", "language": None},
+                   lambda item: split, {"segment_seconds": NOISE_SEGMENT_SECONDS}, workers, None, restart, checkpoint_every, log)
 
 
 # -----------------------------------------------------------------------------
@@ -923,6 +934,9 @@ def prepare_noise(out, folder, workers=2, restart=False, checkpoint_every=5.0, l
 
 
 DEMO_TEXTS = Path(__file__).resolve().parent / "demo"  # sentences.{language}.txt, written for this project
+# the experiment corpus's grammar, written for this project: per language, templates whose {slots}
+# are filled from word lists given already inflected, so that every sentence is grammatical
+CORPUS_GRAMMAR = json.loads((DEMO_TEXTS / "corpus_grammar.json").read_text(encoding="utf-8"))
 DEMO_VOICES = {"en": ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"], "az": ["az"]}
 DEMO_VAL_FRACTION = 0.1
 DEMO_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
@@ -947,7 +961,19 @@ def make_demo_source(folder, languages, n_sentences=None, val_fraction=0.1, work
             if not (folder / rel).exists():
                 todo.append((folder / rel, ["-v", voice, "-s", str(rng.randint(135, 185)), "-p", str(rng.randint(25, 75))], text))
 
-    def speak(job):
+    if todo:
+        log(f"demo: speaking {len(todo)} sentences with espeak-ng")
+        speak(todo, workers)
+    manifest = write_manifest(folder / "metadata.csv", rows)
+    # babble only from clips of the train split, so that no validation sentence is heard in training
+    make_demo_noise(folder / "noise", [folder / r["path"] for r in rows if split_of(r["id"], val_fraction) == "train"])
+    return manifest, folder / "noise"
+
+
+def speak(todo, workers=2):
+    """Run espeak-ng on each (wav path, options, text) of `todo`, `workers` processes at a time;
+    each file is written under a temporary name and renamed, so that a file that exists is whole."""
+    def one(job):
         path, options, text = job
         tmp = path.with_name(path.stem + ".tmp.wav")
         result = subprocess.run(["espeak-ng", *options, "-w", str(tmp), text], capture_output=True, text=True)
@@ -955,20 +981,18 @@ def make_demo_source(folder, languages, n_sentences=None, val_fraction=0.1, work
             raise PrepareError(f"espeak-ng failed on {text!r}: {result.stderr.strip()[:200]}")
         os.replace(tmp, path)
 
-    if todo:
-        log(f"demo: speaking {len(todo)} sentences with espeak-ng")
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(pool.map(speak, todo))
-    manifest = folder / "metadata.csv"
-    tmp = manifest.with_name("metadata.csv.tmp")
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # threads that wait on espeak-ng processes
+        list(pool.map(one, todo))
+
+
+def write_manifest(path, rows):
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "path", "text", "language"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, manifest)
-    # babble only from clips of the train split, so that no validation sentence is heard in training
-    make_demo_noise(folder / "noise", [folder / r["path"] for r in rows if split_of(r["id"], val_fraction) == "train"])
-    return manifest, folder / "noise"
+    os.replace(tmp, path)
+    return path
 
 
 def make_demo_noise(folder, speech_files, seconds=40, seed=0):
@@ -999,6 +1023,153 @@ def make_demo_noise(folder, speech_files, seconds=40, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# the experiment corpus: thousands of generated sentences, many espeak-ng voices, a held-out test
+# split whose sentences and voices never occur in training, and noise recordings split likewise
+
+CORPUS_VOICES = {"en": ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"],
+                 "az": ["az"]}
+# espeak-ng's voice variants that stay intelligible (no whispers, robots or croaks): each is a
+# talker's timbre; every fifth is kept for the test split only
+CORPUS_VARIANTS = sorted("""m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 klatt klatt2 klatt3 klatt4 adam Alex Alicia Andrea Andy Annie
+    antonio aunty belinda benjamin boris caleb david ed edward edward2 Gene Gene2 gustave Henrique Hugo iven iven2 iven3 iven4
+    Jacky john kaukovalta Lee linda marcelo Marco Mario max Michael michel miguel Mike Nguyen pablo paul pedro quincy rob
+    robert steph steph2 steph3 travis victor zac anika norbert sandro shelby grandpa grandma""".split(), key=str.lower)
+TEST_VARIANTS = CORPUS_VARIANTS[2::5]
+CORPUS_FRACTIONS = {"test": 0.1, "val": 0.05}  # of the distinct sentences, chosen by a hash of the text
+SECONDS_PER_SENTENCE = 2.6  # about, at the rates drawn below: how many sentences make --hours
+
+
+def corpus_split(text, fractions=CORPUS_FRACTIONS):
+    """test, val or train from a hash of the sentence alone: a sentence is in one split only."""
+    u = int.from_bytes(hashlib.blake2b(text.lower().encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+    return "test" if u < fractions["test"] else "val" if u < fractions["test"] + fractions["val"] else "train"
+
+
+def generate_sentences(language, n, seed=0):
+    """n distinct sentences drawn from the language's grammar (CORPUS_GRAMMAR), the same for the
+    same (language, n, seed)."""
+    grammar = CORPUS_GRAMMAR[language]
+    rng = random.Random(f"{language}-{seed}")
+    out, seen = [], set()
+    for _ in range(50 * n):
+        template = rng.choice(grammar["templates"])
+        text = re.sub(r"\{([a-z_]+?)(\d?)\}", lambda m: rng.choice(grammar[m.group(1)]), template)
+        if grammar.get("question_particle") and "{Q}" in text:  # Azerbaijani: mı/mi/mu/mü after the verb's last vowel
+            vowel = [c for c in text.split("{Q}")[0] if c in "aıoueəiöü"][-1]
+            text = text.replace("{Q}", {"a": "mı", "ı": "mı", "o": "mu", "u": "mu", "e": "mi", "ə": "mi", "i": "mi", "ö": "mü", "ü": "mü"}[vowel])
+        text = text[0].upper() + text[1:]
+        if text.lower() not in seen:
+            seen.add(text.lower())
+            out.append(text)
+            if len(out) == n:
+                return out
+    raise PrepareError(f"the {language} grammar yields only {len(out)} distinct sentences, fewer than the {n} asked for; ask for fewer --hours")
+
+
+def make_corpus_source(folder, languages, hours, seed=0, workers=2, log=log):
+    """Speak generated sentences into folder/{language}/*.wav with folder/metadata.csv (id, path,
+    text, language, split, voice): each distinct sentence once, in the split its text hashes to,
+    by a voice of that split (TEST_VARIANTS for test, the other variants for train and val) at a
+    drawn rate and pitch. Then noise recordings: folder/noise (training) and folder/noise_test."""
+    if shutil.which("espeak-ng") is None:
+        raise PrepareError("--corpus needs espeak-ng (apt-get install espeak-ng, brew install espeak-ng)")
+    unknown = [lang for lang in languages if lang not in CORPUS_GRAMMAR]
+    if unknown:
+        raise PrepareError(f"--languages: no corpus grammar for {unknown[0]!r}; there are {', '.join(CORPUS_GRAMMAR)}")
+    if not hours > 0:
+        raise PrepareError(f"--hours must be positive, not {hours}")
+    folder = Path(folder)
+    n = max(20, round(hours * 3600 / SECONDS_PER_SENTENCE / len(languages)))
+    rows, todo = [], []
+    for lang in languages:
+        (folder / lang).mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(generate_sentences(lang, n, seed)):
+            split = corpus_split(text)
+            rng = random.Random(f"{lang}-{seed}-{i}")
+            variant = rng.choice(TEST_VARIANTS if split == "test" else [v for v in CORPUS_VARIANTS if v not in TEST_VARIANTS])
+            voice = f"{rng.choice(CORPUS_VOICES[lang])}+{variant}"
+            uid = f"{lang}-{i:06d}-{variant}"
+            rel = f"{lang}/{uid}.wav"
+            rows.append({"id": uid, "path": rel, "text": text, "language": lang, "split": split, "voice": voice})
+            if not (folder / rel).exists():
+                todo.append((folder / rel, ["-v", voice, "-s", str(rng.randint(130, 190)), "-p", str(rng.randint(20, 80))], text))
+    if todo:
+        log(f"corpus: speaking {len(todo)} sentences with espeak-ng ({workers} processes at a time)")
+        speak(todo, workers)
+    manifest = write_manifest(folder / "metadata.csv", rows)
+    train = [folder / r["path"] for r in rows if r["split"] == "train"]
+    make_corpus_noise(folder / "noise", folder / "noise_test", train, seed)
+    return manifest, folder / "noise", folder / "noise_test"
+
+
+def make_corpus_noise(train_folder, test_folder, train_speech, seed=0, seconds=30, pieces=3):
+    """Synthesised noise recordings, different pieces for training and for testing. Both: mains
+    hum (a random fundamental and harmonics), band-limited noise, a fan (rumble and a blade tone);
+    training also babble of training talkers; testing also kinds that training never hears:
+    music (chords of harmonic notes) and clatter (decaying resonant knocks)."""
+    import soundfile as sf
+
+    n, sr = seconds * dw.SAMPLE_RATE, dw.SAMPLE_RATE
+    t = np.arange(n) / sr
+
+    def band(rng, lo, hi, colour=0.0):
+        spec = np.fft.rfft(rng.standard_normal(n))
+        f = np.fft.rfftfreq(n, 1 / sr)
+        spec *= ((f >= lo) & (f <= hi)) / np.maximum(f, 1.0) ** (colour / 2)
+        return np.fft.irfft(spec, n)
+
+    def hum(rng):
+        f0 = rng.choice([50.0, 60.0]) * rng.uniform(0.98, 1.02)
+        return sum(rng.uniform(0.2, 1) / k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3)) for k in range(1, 10)) + 0.02 * rng.standard_normal(n)
+
+    def bandnoise(rng):
+        lo = rng.uniform(100, 2000)
+        return band(rng, lo, lo * rng.uniform(1.5, 4))
+
+    def fan(rng):
+        x = band(rng, 20, 600, colour=1.0)
+        x /= np.abs(x).max()
+        blade = rng.uniform(80, 300)
+        return x + 0.3 * np.sin(2 * np.pi * blade * t) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.2, 2) * t))
+
+    def music(rng):
+        x, start = np.zeros(n), 0
+        while start < n:
+            length = int(sr * rng.uniform(0.2, 0.8))
+            env = np.exp(-np.arange(length) / (sr * rng.uniform(0.1, 0.4)))
+            for semis in rng.choice([0, 3, 4, 7, 10, 12], size=rng.integers(1, 4), replace=False):
+                f = 220 * 2 ** ((rng.integers(-12, 13) + semis) / 12)
+                tt = np.arange(length) / sr
+                note = sum(np.sin(2 * np.pi * f * h * tt) / h ** 1.5 for h in range(1, 6))
+                x[start:start + length] += (env * note)[: n - start]
+            start += length
+        return x
+
+    def clatter(rng):
+        x = np.zeros(n)
+        for at in np.sort(rng.integers(0, n, size=int(seconds * rng.uniform(2, 8)))):
+            length = min(int(sr * rng.uniform(0.03, 0.15)), n - at)
+            tt = np.arange(length) / sr
+            x[at:at + length] += rng.uniform(0.3, 1) * sum(np.sin(2 * np.pi * rng.uniform(500, 5000) * tt) for _ in range(3)) * np.exp(-tt / rng.uniform(0.01, 0.05))
+        return x + 0.01 * rng.standard_normal(n)
+
+    kinds = {"train": {"hum": hum, "band": bandnoise, "fan": fan},
+             "test": {"hum": hum, "band": bandnoise, "fan": fan, "music": music, "clatter": clatter}}
+    for part, folder in (("train", Path(train_folder)), ("test", Path(test_folder))):
+        folder.mkdir(parents=True, exist_ok=True)
+        for kind, make in kinds[part].items():
+            for k in range(pieces):
+                path = folder / f"{kind}{k}.wav"
+                if not path.exists():
+                    x = make(np.random.default_rng([seed, part == "test", k, *kind.encode()]))
+                    sf.write(folder / f"{kind}{k}.tmp.wav", 0.5 * x / np.abs(x).max(), sr, subtype="PCM_16")
+                    os.replace(folder / f"{kind}{k}.tmp.wav", path)
+    make_demo_noise(train_folder, train_speech[:200], seconds=seconds, seed=seed)  # white, pink, brown, hum, babble of training talkers
+    for colour in ("white", "pink"):  # kept out of training: white and pink are conditions of their own at test time
+        (Path(train_folder) / f"{colour}.wav").unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -1020,6 +1191,14 @@ def main(argv=None):
     src.add_argument("--demo", action="store_true", help="synthesise a small English (and, with a multilingual --model, Azerbaijani) "
                                                          "corpus and noise bank with espeak-ng and prepare them (default --out data/demo)")
     src.add_argument("--demo_sentences", type=int, default=None, help="speak only the first N demo sentences of each language")
+    src.add_argument("--corpus", metavar="OUT", help="synthesise an experiment corpus into OUT with espeak-ng: generated sentences, "
+                                                     "many voices, splits train, val and test (test sentences and voices never in "
+                                                     "training), noise recordings for training (noise) and for testing only (noise_test)")
+    src.add_argument("--hours", type=float, default=1.0, help="--corpus: about this much speech in all")
+    src.add_argument("--languages", default=None, help="--corpus: comma-separated, of en, az (default: en, and az with a multilingual --model)")
+    src.add_argument("--seed", type=int, default=0, help="--corpus: seed of the sentences, voices and noise")
+    parser.add_argument("--noise_split", default="noise", choices=["noise", "noise_test"],
+                        help="--noise_dir goes into this split: noise (training) or noise_test (evaluation only)")
     parser.add_argument("--out", "--output_dir", dest="out", help="output folder")
     parser.add_argument("--model", "--tokenizer", dest="model", default=DEFAULT_MODEL,
                         help="the model whose tokenizer to use: a folder, an official name (tiny.en, small) or a hub id")
@@ -1036,13 +1215,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        if sum(map(bool, (args.input or args.transcripts, args.hf_dataset, args.demo))) > 1:
-            raise PrepareError("give one speech source: --input, --hf_dataset or --demo")
+        if sum(map(bool, (args.input or args.transcripts, args.hf_dataset, args.demo, args.corpus))) > 1:
+            raise PrepareError("give one speech source: --input, --hf_dataset, --demo or --corpus")
         if args.transcripts and not Path(args.transcripts).is_file():
             raise PrepareError(f"--transcripts {args.transcripts}: no such file")
-        if not (args.input or args.transcripts or args.hf_dataset or args.demo or args.noise_dir):
-            raise PrepareError("nothing to prepare: give --input, --hf_dataset, --noise_dir or --demo (see --help)")
-        out = args.out or ("data/demo" if args.demo else None)
+        if not (args.input or args.transcripts or args.hf_dataset or args.demo or args.corpus or args.noise_dir):
+            raise PrepareError("nothing to prepare: give --input, --hf_dataset, --noise_dir, --demo or --corpus (see --help)")
+        out = args.corpus or args.out or ("data/demo" if args.demo else None)
         if out is None:
             raise PrepareError("--out is required: the folder to write the prepared data into")
         common = dict(workers=args.workers, restart=args.restart, checkpoint_every=args.checkpoint_every)
@@ -1057,6 +1236,16 @@ def main(argv=None):
             manifest, noise = make_demo_source(Path(out) / "source", languages, args.demo_sentences, speech["val_fraction"], args.workers)
             prepare_speech(out, LocalSource(manifest), **speech, **common)
             prepare_noise(out, args.noise_dir or noise, **common)
+        elif args.corpus:
+            tok, _, _ = resolve_tokenizer(args.model)
+            languages = args.languages.split(",") if args.languages else ["en", "az"] if tok.multilingual else ["en"]
+            if not tok.multilingual and set(languages) - {"en"}:
+                raise PrepareError(f"--languages {args.languages}: {args.model} is English-only; pass a multilingual --model "
+                                   "(e.g. ../shared/tokenizers/whisper-multilingual)")
+            manifest, noise, noise_test = make_corpus_source(Path(out) / "source", languages, args.hours, args.seed, args.workers)
+            prepare_speech(out, LocalSource(manifest), **speech, **common)
+            prepare_noise(out, noise, **common)
+            prepare_noise(out, noise_test, split="noise_test", **common)
         else:
             if args.input or args.transcripts or args.hf_dataset:
                 if args.hf_dataset:
@@ -1066,7 +1255,7 @@ def main(argv=None):
                     source = LocalSource(args.transcripts or args.input, audio_dir=args.input if args.transcripts else None)
                 prepare_speech(out, source, **speech, **common)
             if args.noise_dir:
-                prepare_noise(out, args.noise_dir, **common)
+                prepare_noise(out, args.noise_dir, split=args.noise_split, **common)
         print(f"done in {time.monotonic() - t0:.1f} s: {out} (read it with prepare.PreparedSplit)")
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ sample.py: transcribe audio files with dualwhisper, or measure word error rates 
   python sample.py talk.mp3 --word_timestamps True -f srt --max_line_width 42 --max_line_count 2
   python sample.py --eval data/az --split val --snr 10 5 0 --noise babble
   python sample.py --eval manifest.jsonl                      # {"path": ..., "text": ...} per line
+  python sample.py --plot attention.png clip.wav --model out  # log-mel, both branches' attention, the gate
 
 Transcription follows openai-whisper's `transcribe` (same options, same text and timestamps on the
 same weights); the work is done by `transcribe_many` in dualwhisper.py, which decodes the current
@@ -192,6 +193,20 @@ def noise_bank(folder):
     return recordings
 
 
+def transcribe_pool(model, pool, mixer, languages, batch_size, options, what="the set"):
+    """The text of every clip of `pool` (a _Clips) with the noise of `mixer` (None: clean), a
+    clip never mixed with itself; decoded as transcribe_many decodes files."""
+    audios = (pool[i] if mixer is None else mixer(torch.from_numpy(pool[i])[None], [len(pool[i])], [i], exclude=[i])[0].numpy()
+              for i in range(len(pool)))
+    hyps = [None] * len(pool)
+    progress = False if sys.stderr.isatty() else None  # a progress bar on a terminal
+    for i, result in dw.transcribe_many(model, audios, batch_size=batch_size, languages=languages, verbose=progress, **options):
+        if isinstance(result, Exception):
+            raise ValueError(f"clip {i} of {what}: {result}")
+        hyps[i] = result["text"]
+    return hyps
+
+
 def evaluate(model, args, options):
     clips, refs, languages = read_eval_set(args.eval, args.split)
     if args.limit:
@@ -221,17 +236,88 @@ def evaluate(model, args, options):
     print(f"{'condition':<24} {'clips':>6} {'WER':>8} {'CER':>8} {'seconds':>8}")
     for name, mixer in conditions:
         t0 = time.time()
-        audios = (pool[i] if mixer is None else mixer(torch.from_numpy(pool[i])[None], [len(pool[i])], [i], exclude=[i])[0].numpy()
-                  for i in range(len(pool)))
-        hyps = [None] * len(pool)
-        progress = False if sys.stderr.isatty() else None  # a progress bar on a terminal
-        for i, result in dw.transcribe_many(model, audios, batch_size=args.batch_size, languages=languages, verbose=progress, **options):
-            if isinstance(result, Exception):
-                raise ValueError(f"clip {i} of {args.eval}: {result}")
-            hyps[i] = result["text"]
+        hyps = transcribe_pool(model, pool, mixer, languages, args.batch_size, options, what=args.eval)
         counts = dw.error_counts(refs, hyps, languages or [None if english else "other"] * len(refs))
         wer, cer = dw.error_rates(counts)
         print(f"{name:<24} {counts['clips']:>6} {100 * wer:>7.2f}% {100 * cer:>7.2f}% {time.time() - t0:>8.1f}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# what the branches look at
+
+
+@torch.no_grad()
+def plot_attention(model, path, out, layer=None, language=None):
+    """Write a PNG for the first 30 seconds of `path`: the log-mel; per output token (greedy, as
+    decoded by this model), the primary and the secondary cross-attention over time, the mean over
+    heads of decoder layer `layer` (None: the mean over all layers); and the gate per token. A
+    plain model has no secondary branch and no gate: its panels say so. Returns the tokens."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    n_layer = model.dims.n_text_layer
+    if layer is not None and not -n_layer <= layer < n_layer:
+        raise ValueError(f"--plot_layer {layer}: the model has decoder layers 0 to {n_layer - 1}")
+    audio = dw.load_audio(path)[: dw.N_SAMPLES]
+    param = next(model.parameters())
+    mel = dw.log_mel_spectrogram(torch.from_numpy(audio), model.dims.n_mels, padding=dw.N_SAMPLES)[:, : dw.N_FRAMES][None]
+    mel = mel.to(param.device, param.dtype)
+    tokenizer = dw.get_tokenizer(model)
+    if tokenizer.multilingual and language is None:
+        language = dw.detect_language(model, mel, tokenizer)[0][0]
+    prompt = tokenizer.sot_sequence(language=language) + [tokenizer.no_timestamps]
+    text = dw.greedy_decode(model, mel, tokenizer, prompt=prompt, max_tokens=120)[0]
+    tokens = torch.tensor([prompt + text + [tokenizer.eot]], device=param.device)
+    _, details = model.analyse(mel, tokens)
+    rows = slice(len(prompt) - 1, tokens.shape[1] - 1)  # the positions that predict the text and <|endoftext|>
+    labels = [tokenizer.decode([t]) if t != tokenizer.eot else "<eot>" for t in tokens[0, len(prompt):].tolist()]
+    chosen = details if layer is None else [details[layer]]
+    frames = max(1, -(-len(audio) // (2 * dw.HOP_LENGTH)))  # encoder positions that hold the audio (20 ms each)
+
+    def attention(key):  # (tokens, frames): the mean over heads and the chosen layers
+        if chosen[0][key] is None:
+            return None
+        return torch.stack([d[key][0, :, rows, :frames].float().mean(0) for d in chosen]).mean(0).cpu().numpy()
+
+    primary, secondary = attention("cross_attn"), attention("cross_attn2")
+    gate = None if chosen[0]["gate"] is None else torch.stack([d["gate"][0, rows].float() for d in chosen]).mean(0).cpu().numpy()
+    seconds = frames * 2 * dw.HOP_LENGTH / dw.SAMPLE_RATE
+    height = 0.18 * len(labels) + 1
+    fig, axes = plt.subplots(4, 1, figsize=(10, 2 + 3 * height), gridspec_kw={"height_ratios": [1.2, height, height, height]})
+    axes[0].imshow(mel[0, :, : 2 * frames].float().cpu().numpy(), aspect="auto", origin="lower", extent=(0, seconds, 0, mel.shape[1]))
+    axes[0].set_title(f"{Path(path).name}: log-mel; {'dual' if model.dims.dual else 'plain'} model, "
+                      f"{'mean over decoder layers' if layer is None else f'decoder layer {layer}'}, mean over heads")
+    axes[0].set_ylabel("mel bin")
+    for ax, weights, name in ((axes[1], primary, "primary cross-attention (cross_attn)"), (axes[2], secondary, "secondary cross-attention (cross_attn2)")):
+        if weights is None:
+            ax.text(0.5, 0.5, "plain model: no secondary branch", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([]), ax.set_yticks([])
+        else:
+            ax.imshow(weights, aspect="auto", cmap="magma", extent=(0, seconds, len(labels) - 0.5, -0.5), interpolation="nearest")
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(name)
+    for ax in axes[:3]:
+        ax.set_xlim(0, seconds)
+    axes[2].set_xlabel("audio time (s)")
+    if gate is None:
+        axes[3].text(0.5, 0.5, "plain model: no gate", ha="center", va="center", transform=axes[3].transAxes)
+        axes[3].set_xticks([]), axes[3].set_yticks([])
+    else:
+        axes[3].barh(range(len(labels)), gate, color=["C3" if g < 0 else "C0" for g in gate])
+        axes[3].set_yticks(range(len(labels)), labels, fontsize=7)
+        axes[3].invert_yaxis()
+        axes[3].axvline(0, color="k", lw=0.5)
+        axes[3].set_xlabel("gate g per token (0: primary only; the second branch's share of the cross-attention output)")
+    axes[3].set_title("gate")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -290,9 +376,15 @@ def parse_args(argv=None):
     g.add_argument("--snr", type=float, nargs="*", default=[], help="also evaluate with noise at these SNRs (dB)")
     g.add_argument("--noise", default="white", help=f"noise of --snr: {', '.join(k for k in dw.NOISE_KINDS if k != 'bank')}, or a folder of noise recordings")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    g = p.add_argument_group("what the branches look at (needs matplotlib)")
+    g.add_argument("--plot", default=None, metavar="FILE.png", help="plot the log-mel of the one audio file given, both branches' "
+                                                                   "cross-attention per output token and the gate per token")
+    g.add_argument("--plot_layer", type=int, default=None, help="the decoder layer to plot (default: the mean over all layers)")
     args = p.parse_args(argv)
     if not args.audio and not args.eval:
         p.error("give audio files to transcribe, or --eval DATA")
+    if args.plot and (len(args.audio) != 1 or args.eval):
+        p.error("--plot takes exactly one audio file (and no --eval)")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
     if not args.word_timestamps:
@@ -376,6 +468,10 @@ def main(argv=None):
                       "transcribed", file=sys.stderr)
         if args.eval:
             evaluate(model, args, options)
+            return 0
+        if args.plot:
+            text = plot_attention(model, args.audio[0], args.plot, args.plot_layer, args.language)
+            print(f"{dw.get_tokenizer(model).decode(text).strip()}\nwrote {args.plot}")
             return 0
         if args.max_line_count and not args.max_line_width:
             print("warning: --max_line_count has no effect without --max_line_width", file=sys.stderr)

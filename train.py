@@ -62,6 +62,12 @@ def get_parser():
     g.add_argument("--freeze", default="encoder", help="parts kept fixed, comma-separated: encoder, decoder (the primary decoder), "
                                                        "base (everything but the new dual-attention parts); or none")
     g.add_argument("--seed", type=int, default=1337, help="seed of the data order, the noise and the new parameters")
+    g.add_argument("--gate", default="tanh", choices=dw.GATES, help="form of the gate (ablations): tanh, zero-init over [state, a, b], "
+                                                                 "one value per token; sigmoid, the convex mix (1-g) a + g b (exact at init "
+                                                                 "only with --branch2 copy); channel, one value per channel; layer, one "
+                                                                 "zero-init scalar per layer")
+    g.add_argument("--branch2", default="fresh", choices=dw.BRANCH2, help="the secondary cross-attention at the start: freshly "
+                                                                         "initialised, or a copy of the primary")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_iters", type=int, default=30, help="optimizer steps in all")
     g.add_argument("--batch_size", type=int, default=8, help="global batch: clips (with --pack: windows) per optimizer step over all "
@@ -79,6 +85,9 @@ def get_parser():
     g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses in a row (each is skipped)")
+    g.add_argument("--consistency", type=float, default=0.0, help="weight of a consistency loss: KL from what the frozen --init_from "
+                                                                  "model predicts on the clean audio to what the trained model predicts "
+                                                                  "on the noisy audio, per target token (plain and dual alike)")
     g = p.add_argument_group("packing: short clips filled into Whisper's 30-second windows, each a timestamped segment")
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
                    help="train on windows of several clips of one language, in stream order, with silence between them, "
@@ -105,6 +114,8 @@ def get_parser():
                                                             "default: the same clip gets the same noisy audio in both)")
     g.add_argument("--eval_only", action="store_true", help="evaluate the initial model and stop")
     g.add_argument("--log_interval", type=int, default=1, help="steps between progress lines")
+    g.add_argument("--log_data", action="store_true", help="log the clips and a checksum of the noisy log-mel of each step (with --log_interval 1), so that "
+                                                          "two runs can be checked to have seen the same data")
     g = p.add_argument_group("system")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -188,7 +199,8 @@ def resolve(args):
     for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "max_bad_steps"):
         if getattr(args, name) < (0 if name == "max_iters" else 1):
             raise TrainError(f"--{name} must be positive, not {getattr(args, name)}")
-    for name in ("learning_rate", "min_lr", "dual_lr_mult", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters", "eval_samples"):
+    for name in ("learning_rate", "min_lr", "dual_lr_mult", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters", "eval_samples",
+                 "consistency"):
         if not getattr(args, name) >= 0:  # (nan too)
             raise TrainError(f"--{name} must not be negative, not {getattr(args, name)}")
     for name in ("beta1", "beta2"):
@@ -683,9 +695,12 @@ def run(args):
         resume = latest if args.resume else None
         torch.manual_seed(args.seed)  # new dual-attention parts are drawn from the seed: the same on every rank
         try:
-            model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
+            model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain, gate=args.gate, branch2=args.branch2)
         except (FileNotFoundError, ValueError, ConnectionError) as e:
             raise TrainError(f"{resume or '--init_from ' + str(args.init_from)}: {e}") from None
+        teacher = None
+        if args.consistency > 0:  # the official model, frozen: its predictions on the clean audio are the targets of the KL
+            teacher = dw.load_model(args.init_from, device=device, dual=False).requires_grad_(False)
         tokenizer = dw.get_tokenizer(model)
         frozen = parse_freeze(args.freeze)
         for name, p in model.named_parameters():
@@ -718,6 +733,10 @@ def run(args):
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained "
               f"(frozen: {args.freeze}); {world_size} rank(s), micro-batch {micro_batch} x {args.gradient_accumulation_steps} "
               f"accumulation x {world_size} = {args.batch_size}; {args.dtype} on {device}{', compiled' if args.compile else ''}", flush=True)
+        if not args.plain and args.branch2 == "copy" and args.gate != "sigmoid":
+            print("note: --branch2 copy: b - a = 0, so a zero gate gets no gradient until the copies drift apart", flush=True)
+        if not args.plain and args.branch2 == "fresh" and args.gate == "sigmoid":
+            print("note: --gate sigmoid over a fresh branch mixes in half of a random branch at step 0 (not the official model)", flush=True)
 
     # ---- optimizer, precision, compile, DDP
     optimizer = configure_optimizer(model, args, device_type)
@@ -739,10 +758,15 @@ def run(args):
         if master:
             print(f"resuming from {resume} at step {iter_num} (data position {position}, best {best})", flush=True)
     raw_model = model
-    gates = []  # pre-tanh gate outputs of the current forward, per dual layer (B, T, 1)
+    gates = []  # gate values of the current forward, per dual layer (B, T, 1), the mean over channels
     for block in raw_model.decoder.blocks:
         if getattr(block, "dual", False):
-            block.gate.register_forward_hook(lambda module, inputs, output: gates.append(output.detach()))
+            if block.gate_kind == "layer":  # one scalar: g = tanh(gate) for every token of the branch's output
+                block.cross_attn2.register_forward_hook(
+                    lambda module, inputs, output, b=block: gates.append(torch.tanh(b.gate.detach().float()).expand(*output[0].shape[:2], 1)))
+            else:
+                act = torch.sigmoid if block.gate_kind == "sigmoid" else torch.tanh
+                block.gate.register_forward_hook(lambda module, inputs, output, act=act: gates.append(act(output.detach().float()).mean(-1, keepdim=True)))
     graphs = args.compile and device_type == "cuda" and args.compile_mode in ("reduce-overhead", "max-autotune")  # CUDA graphs
     multiple = 8 if args.compile else 1  # batches' text lengths: fewer shapes to compile, else no padding beyond the longest
     if args.compile:
@@ -854,15 +878,30 @@ def run(args):
         batches = [load(keys, items) for keys, items in slices]
         global_tokens, step_clips = all_sum([sum(int((b[6] != -100).sum()) for b in batches), sum(b[7] for b in batches)], device, world_size)
         gate_sum = torch.zeros(2, device=device)  # sums of g and |g| over the target tokens, averaged over layers
+        kl_sum, data = torch.zeros((), device=device, dtype=torch.float64), []
         for micro_step, (keys, exclude, audio, lengths, spans, x, y, _) in enumerate(batches):
             mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, exclude, args.spec_augment, args.seed, spans)
+            if args.log_data:
+                ramp = torch.arange(mel.shape[-1], device=device, dtype=torch.float64)
+                data.append([[int(k) for k in keys], mel.double().sum().item(), (mel.double() * ramp).sum().item()])
             last = micro_step == len(batches) - 1
             sync = model.no_sync() if world_size > 1 and not last else nullcontext()  # gradients all-reduce on the last micro-step
             gates.clear()
             with sync:
                 with autocast:
-                    ce = model(mel, x, y, reduction="sum")  # over the target tokens, from float32 logits
-                scaler.scale(ce * (world_size / global_tokens)).backward()
+                    if teacher is None:
+                        ce = model(mel, x, y, reduction="sum")  # over the target tokens, from float32 logits
+                        loss = ce
+                    else:  # cross-entropy plus the KL to the frozen model's predictions on the clean audio
+                        keep = y != -100
+                        logp = F.log_softmax(model(mel, x)[keep].float(), dim=-1)  # (N, n_vocab)
+                        ce = F.nll_loss(logp, y[keep], reduction="sum")
+                        with torch.no_grad():
+                            target = F.log_softmax(teacher(log_mel(audio, lengths, dims.n_mels), x)[keep].float(), dim=-1)
+                        kl = F.kl_div(logp, target, log_target=True, reduction="sum")
+                        kl_sum += kl.detach().double()
+                        loss = ce + args.consistency * kl
+                scaler.scale(loss * (world_size / global_tokens)).backward()
             if graphs and not last and micro_step == 0:
                 # the gradients are the backward graph's outputs, in memory that its next replay
                 # overwrites: the next micro-steps add to copies of them
@@ -872,11 +911,11 @@ def run(args):
             loss_sum += ce.detach().double()
             if gates:
                 keep = (y != -100)[None]
-                g = torch.tanh(torch.stack(gates)[..., 0].float()) * keep  # (layers, B, T)
+                g = torch.stack(gates)[..., 0] * keep  # (layers, B, T)
                 gate_sum += torch.stack([g.sum(), g.abs().sum()]) / len(gates)
         # non-finite on any rank: skip the step on every rank, and count it
-        loss_total, gate_total, gate_abs, bad = all_sum([loss_sum.item(), *gate_sum.tolist(), float(not math.isfinite(loss_sum.item()))],
-                                                        device, world_size)
+        loss_total, gate_total, gate_abs, kl_total, bad = all_sum([loss_sum.item(), *gate_sum.tolist(), kl_sum.item(),
+                                                                   float(not math.isfinite(loss_sum.item()))], device, world_size)
         loss_value, gate_value, gate_abs = loss_total / global_tokens, gate_total / global_tokens, gate_abs / global_tokens
         grad_norm = float("nan")
         if bad:
@@ -917,7 +956,11 @@ def run(args):
             record = {"event": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "gate": gate_value if gates else None, "gate_abs": gate_abs if gates else None,
                       "samples_per_s": args.batch_size / per_step, "clips_per_s": clips_per_s, "clips_seen": clips_seen,
-                      "skipped": bad_total, "eta_s": eta}
+                      "step_s": dt, "skipped": bad_total, "eta_s": eta}
+            if teacher is not None:
+                record["kl"] = kl_total / global_tokens
+            if args.log_data:
+                record["data"] = data
             log(record, f"step {iter_num}/{args.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}"
                         + (f", gate {gate_value:+.3f} (|g| {gate_abs:.3f})" if gates else "")
                         + (f", {args.batch_size / per_step:.2f} windows/s ({clips_per_s:.2f} clips/s)" if args.pack

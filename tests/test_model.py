@@ -65,6 +65,42 @@ def test_dual_equals_plain_at_step_0_and_exposes_gates_and_attention(tiny_en, ti
     assert plain_details[0]["gate"] is None and plain_details[0]["cross_attn2"] is None
 
 
+@pytest.mark.parametrize("gate", dw.GATES)
+def test_gate_and_branch2_variants_exact_at_init_learn_and_load_back(gate, tiny_en_dir, tiny_en_plain, jfk_mel, tmp_path):
+    """Every variant computes the official logits at init, except the sigmoid gate over a fresh
+    branch (g = 1/2 of a random branch); one step moves the gate where it has a gradient (not
+    over a copied branch through a zero tanh gate: b - a = 0); saved, it loads back as itself."""
+    tokens = torch.tensor([TOKENS[:6]])
+    targets = torch.tensor([[-100, 400, 370, 452, 7404, 4498]])
+    with torch.no_grad():
+        plain = tiny_en_plain(jfk_mel, tokens)
+    for branch2 in dw.BRANCH2:
+        torch.manual_seed(0)
+        model = dw.load_model(tiny_en_dir, dual=True, gate=gate, branch2=branch2)
+        with torch.no_grad():
+            logits = model(jfk_mel, tokens)
+        exact = not (gate == "sigmoid" and branch2 == "fresh")
+        assert torch.equal(logits, plain) == exact, (gate, branch2)
+        if not exact:
+            assert (logits - plain).abs().max() > 1e-2
+        block = model.decoder.blocks[0]
+        assert (block.cross_attn2.query.weight == block.cross_attn.query.weight).all() == (branch2 == "copy")
+        model(jfk_mel, tokens, targets).backward()
+        gate_grad = sum(p.grad.abs().sum().item() for p in block.gate.parameters())
+        assert (gate_grad > 0) == (branch2 == "fresh"), (gate, branch2, gate_grad)  # a copy: b - a = 0
+    with torch.no_grad():
+        for p in block.gate.parameters():
+            p.add_(0.1)
+        logits = model(jfk_mel, tokens)
+    dw.save_model(model, tmp_path / "m")
+    back = dw.load_model(tmp_path / "m")
+    assert (back.dims.gate, back.dims.branch2) == (gate, "copy")
+    with torch.no_grad():
+        assert torch.equal(back(jfk_mel, tokens), logits)
+    with pytest.raises(ValueError, match="trained with gate"):
+        dw.load_model(tmp_path / "m", gate="tanh" if gate != "tanh" else "layer")
+
+
 def _train_steps(model, mel, tokens, steps, lr=1e-5, dual_lr=1e-3, freeze_encoder=False):
     targets = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), -100)], dim=1)
     targets[:, 0] = -100  # the prompt is given, not predicted

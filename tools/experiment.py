@@ -1,0 +1,433 @@
+"""
+tools/experiment.py: does dual attention make Whisper robust to noise? Fine-tune plain and dual
+Whisper from the same checkpoint on the same data, score every arm on a held-out test split under
+noise, and write the results folder.
+
+  python tools/experiment.py --quick                        # tiny.en, English corpus, a 2-core CPU, under an hour idle
+  python tools/experiment.py --full                         # whisper-base, Azerbaijani corpus, a GPU
+  python tools/experiment.py --quick --arms plain,dual,layer,plain_kl,dual_kl --out runs/ablations
+  python tools/experiment.py --data data/az --init_from openai/whisper-small --language az --max_iters 5000 --batch_size 32
+
+What it does, in order (each stage is skipped when its output exists, so the same command goes on
+after an interruption):
+  1. data: `prepare.py --corpus OUT/data` unless --data names a prepared folder (train, and test
+     or val; noise_test is the bank of held-out noise recordings, else noise is used, not held out)
+  2. training: for every seed, every arm runs `train.py` with the same data, steps, batch,
+     schedule, seed and noise; its log records each step's clips and a checksum of its noisy
+     log-mel, and the arms of a seed are checked to have seen exactly the same
+  3. evaluation: the official checkpoint and every run's final weights transcribe the test clips
+     (sample.py's decoding: temperature fallback, as users decode) clean and with each noise kind
+     at each SNR, the same noisy audio for every model; babble and competing talkers come from
+     the test split's own talkers, the bank from noise_test
+  4. OUT/results.json (every number, per-clip errors included), OUT/results.md (mean and spread
+     over seeds), OUT/wer_vs_snr.png (needs matplotlib)
+
+Scores. A single repetition loop can make one clip's word errors exceed all the other clips'
+together, so besides the corpus WER (all errors / all reference words) every table gives the
+capped WER, in which a clip's errors count at most its reference words (a loop costs what a
+missed clip costs), and results.json keeps each clip's errors.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import dualwhisper as dw  # noqa: E402
+
+SHARED = Path(os.environ.get("DUALWHISPER_SHARED", ROOT.parent / "shared"))
+
+# arm name -> train.py flags on top of the common ones
+ARMS = {
+    "plain": ["--plain"],
+    "dual": [],
+    "sigmoid": ["--gate", "sigmoid", "--branch2", "copy"],
+    "channel": ["--gate", "channel"],
+    "layer": ["--gate", "layer"],
+    "copy": ["--branch2", "copy"],
+    "dual_lr1": ["--dual_lr_mult", "1"],
+    "plain_encoder": ["--plain", "--freeze", "none"],
+    "dual_encoder": ["--freeze", "none"],
+    "plain_kl": ["--plain", "--consistency", "1"],
+    "dual_kl": ["--consistency", "1"],
+}
+KINDS = ("white", "pink", "babble", "talker", "bank")
+TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
+
+SIZES = {
+    "quick": dict(init_from=str(SHARED / "models" / "whisper-tiny.en"), languages="en", hours=0.5, max_iters=40, batch_size=8,
+                  seeds="1,2,3", test_clips=20, warmup_iters=4, learning_rate=1e-4, sample_len=64),
+    "full": dict(init_from=str(SHARED / "models" / "whisper-base"), languages="az", hours=6.0, max_iters=600, batch_size=32,
+                 seeds="1,2,3", test_clips=300, warmup_iters=30, learning_rate=5e-5, sample_len=96),
+}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_const", dest="size", const="quick", help=f"the CPU size: {SIZES['quick']}")
+    p.add_argument("--full", action="store_const", dest="size", const="full", help=f"the GPU size: {SIZES['full']}")
+    p.add_argument("--out", default=None, help="results folder (default runs/experiment-SIZE)")
+    p.add_argument("--arms", default="plain,dual", help=f"comma-separated, of: {', '.join(ARMS)}")
+    p.add_argument("--data", default=None, help="a prepared folder to use instead of making the corpus")
+    p.add_argument("--init_from", default=None, help="the official checkpoint every arm starts from")
+    p.add_argument("--language", default=None, help="language of the test clips (default: each clip's own)")
+    p.add_argument("--languages", default=None, help="corpus languages (prepare.py --languages)")
+    p.add_argument("--hours", type=float, default=None, help="corpus size")
+    p.add_argument("--max_iters", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--warmup_iters", type=int, default=None)
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds, each one run of every arm")
+    p.add_argument("--test_clips", type=int, default=None, help="the first N clips of the test split")
+    p.add_argument("--kinds", default=",".join(KINDS), help="noise kinds evaluated")
+    p.add_argument("--snrs", default="20,10,5,0,-5", help="SNRs (dB) evaluated; for talker, dB below the speech")
+    p.add_argument("--train_noise", default=TRAIN_NOISE, help="train.py --noise of every arm")
+    p.add_argument("--train_args", default="", help="more train.py flags for every arm, e.g. '--device cuda --dtype bfloat16'")
+    p.add_argument("--device", default=None, help="device of the evaluation (default: cuda when available)")
+    p.add_argument("--eval_batch", type=int, default=8, help="clips decoded together")
+    p.add_argument("--sample_len", type=int, default=None, help="most tokens a decoding try samples (sample.py: n_text_ctx / 2): "
+                                                              "a repetition loop stops there; test sentences are far shorter")
+    p.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (the same audio for every model)")
+    p.add_argument("--no_official", action="store_true", help="leave out the official checkpoint's row")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch in every stage (0: torch's default); 1 is far "
+                                                          "faster on a CPU that other jobs share, where threads wait for each other")
+    return p
+
+
+def resolve(args):
+    size = SIZES[args.size or "quick"]
+    for k, v in size.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.out = Path(args.out or f"runs/experiment-{args.size or 'custom'}")
+    args.arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        sys.exit(f"experiment.py: error: unknown arm {unknown[0]!r}; the arms are {', '.join(ARMS)}")
+    args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    args.snrs = [float(s) for s in args.snrs.split(",")]
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def run(cmd, log):
+    """Run a command, its output into `log`; stop with its last lines if it fails."""
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        rc = subprocess.call([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc != 0:
+        tail = Path(log).read_text().splitlines()[-15:]
+        sys.exit(f"experiment.py: error: {cmd[1]} failed ({rc}); the end of {log}:\n" + "\n".join(tail))
+
+
+# -----------------------------------------------------------------------------
+# 1. data
+
+
+def make_data(args):
+    if args.data:
+        return Path(args.data)
+    data = args.out / "data"
+    if not (data / "meta.json").exists() or "test" not in json.loads((data / "meta.json").read_text()).get("splits", {}):
+        print(f"data: prepare.py --corpus {data} --hours {args.hours} --languages {args.languages}", flush=True)
+        run([sys.executable, "prepare.py", "--corpus", data, "--hours", args.hours, "--languages", args.languages,
+             "--model", args.init_from], args.out / "prepare.log")
+    return data
+
+
+# -----------------------------------------------------------------------------
+# 2. training
+
+
+def train_seed(args, data, seed):
+    """Train every arm with this seed; returns {run name: its log records}."""
+    runs = {}
+    for arm in args.arms:
+        name = f"{arm}-s{seed}"
+        out_dir = args.out / "runs" / name
+        if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < args.max_iters:
+            print(f"train: {name}", flush=True)
+            resume = ["--resume"] if (out_dir / "latest" / "state.pt").exists() else []
+            run([sys.executable, "train.py", "--data", data, "--init_from", args.init_from, "--out_dir", out_dir, "--seed", seed,
+                 "--max_iters", args.max_iters, "--batch_size", args.batch_size, "--learning_rate", args.learning_rate,
+                 "--warmup_iters", args.warmup_iters, "--noise", args.train_noise, "--eval_samples", 0,
+                 "--eval_interval", args.max_iters, "--log_interval", 1, "--log_data", *ARMS[arm], *args.train_args.split(), *resume],
+                args.out / f"train-{name}.log")
+        runs[name] = [json.loads(line) for line in open(out_dir / "log.jsonl")]
+    return runs
+
+
+def same_data(runs, args, seeds):
+    """Per seed: did every arm see the same clips and the same noisy log-mel at every step?"""
+    out = {}
+    for seed in seeds:
+        seen = {}
+        for arm in args.arms:
+            steps = {r["iter"]: r.get("data") for r in runs[f"{arm}-s{seed}"] if r["event"] == "train"}  # the last record of a step wins
+            seen[arm] = [steps.get(i) for i in range(1, args.max_iters + 1)]
+        first = seen[args.arms[0]]
+        out[str(seed)] = all(s == first for s in seen.values()) and all(d is not None for d in first)
+    return out
+
+
+def train_stats(records):
+    steps = [r for r in records if r["event"] == "train"]
+    times = [r["step_s"] for r in steps[1:]] or [r["step_s"] for r in steps]  # the first step warms up
+    last = steps[-1]
+    return {"seconds_per_step": statistics.median(times), "final_loss": last["loss"], "final_gate": last.get("gate"),
+            "final_gate_abs": last.get("gate_abs")}
+
+
+# -----------------------------------------------------------------------------
+# 3. evaluation
+
+
+def bank_split_of(data):
+    """noise_test, the recordings kept for evaluation, where the data has them; else noise."""
+    return "noise_test" if (data / "noise_test.index.npy").exists() else "noise"
+
+
+def conditions(args, data, pool):
+    from prepare import PreparedSplit
+
+    bank_split = bank_split_of(data)
+    bank = PreparedSplit(data, bank_split) if (data / f"{bank_split}.index.npy").exists() else None
+    out = [("clean", None, None)]
+    for kind in args.kinds:
+        if kind == "bank" and bank is None:
+            print("note: no noise recordings in the data: the bank condition is left out", flush=True)
+            continue
+        for snr in args.snrs:
+            out.append((kind, snr, dw.NoiseMixer.fixed(kind, snr, bank=bank, pool=pool, seed=args.eval_seed)))
+    return out
+
+
+def score(refs, hyps, english):
+    """Per clip: (word errors, reference words)."""
+    import jiwer
+
+    out = []
+    for r, h in zip(refs, hyps):
+        r, h = dw.normalize_text(r, english), dw.normalize_text(h, english)
+        if not r:
+            continue
+        w = jiwer.process_words(r, h)
+        out.append((w.substitutions + w.deletions + w.insertions, w.hits + w.substitutions + w.deletions))
+    return out
+
+
+def summarise(clips):
+    errors, words = np.array([c[0] for c in clips], dtype=float), np.array([c[1] for c in clips], dtype=float)
+    return {"wer": float(errors.sum() / words.sum()), "capped_wer": float(np.minimum(errors, words).sum() / words.sum()),
+            "median_clip_wer": float(np.median(errors / words)), "loops": int((errors > 2 * words).sum()), "clips": len(clips)}
+
+
+def evaluate_models(args, models, data):
+    """{name: {condition: summary and per-clip errors}} of models {name: (path, dual)}, condition by
+    condition, every model in turn (a stop leaves comparable conditions); each model's numbers are
+    kept in OUT/eval/{name}.json as they come, and a second run reads them back."""
+    import sample
+    from prepare import PreparedSplit
+
+    split = "test" if (data / "test.index.npy").exists() else "val"
+    test = PreparedSplit(data, split)
+    n = min(args.test_clips, len(test))
+    pool = sample._Clips(test, n)
+    rows = [test.row(i) for i in range(n)]
+    refs = [r["text"] for r in rows]
+    out, loaded = {}, {}
+    for name in models:
+        cache_file = args.out / "eval" / f"{name}.json"
+        out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    for kind, snr, mixer in conditions(args, data, pool):
+        key = kind if snr is None else f"{kind} {snr:g}"
+        for name, (path, dual) in models.items():
+            if key in out[name]:
+                continue
+            if name not in loaded:
+                model = dw.load_model(path, device=args.device, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32, dual=dual)
+                tokenizer = dw.get_tokenizer(model)
+                languages = None if (args.language or not tokenizer.multilingual) else [r.get("language") for r in rows]
+                english = (args.language or "en") == "en" if languages is None else all(lang in (None, "en") for lang in languages)
+                options = sample.decode_options(sample.parse_args(["--eval", str(data)] + (["--language", args.language] if args.language else [])))
+                options["sample_len"] = min(args.sample_len, model.dims.n_text_ctx // 2)
+                loaded[name] = (model, languages, english, options)
+                out[name]["_params"] = sum(p.numel() for p in model.parameters())
+            model, languages, english, options = loaded[name]
+            t0 = time.time()
+            hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
+            clips = score(refs, hyps, english)
+            out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
+                              "example": hyps[0], "seconds": round(time.time() - t0, 2)}
+            print(f"  {name}: {key:<12} WER {100 * out[name][key]['wer']:6.1f}%  "
+                  f"capped {100 * out[name][key]['capped_wer']:5.1f}%  ({out[name][key]['seconds']:.0f} s)", flush=True)
+            cache_file = args.out / "eval" / f"{name}.json"
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.with_suffix(".tmp").write_text(json.dumps(out[name]))
+            os.replace(cache_file.with_suffix(".tmp"), cache_file)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 4. results
+
+
+def mean_spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def write_results(args, data, runs, evals, checks, bank_split):
+    keys = [k for k in next(iter(evals.values())) if not k.startswith("_")]
+    arms = (["official"] if "official" in evals else []) + args.arms
+    table = {}
+    for arm in arms:
+        names = ["official"] if arm == "official" else [f"{arm}-s{s}" for s in args.seeds]
+        row = {"runs": names, "params": evals[names[0]]["_params"]}
+        if arm != "official":
+            stats = [train_stats(runs[n]) for n in names]
+            row["seconds_per_step"] = mean_spread([s["seconds_per_step"] for s in stats])
+            row["final_gate_abs"] = mean_spread([s["final_gate_abs"] for s in stats])
+        for metric in ("capped_wer", "wer"):
+            row[metric] = {k: mean_spread([evals[n][k][metric] for n in names]) for k in keys}
+            row[metric]["noisy mean"] = mean_spread([np.mean([evals[n][k][metric] for k in keys if k != "clean"]) for n in names])
+        table[arm] = row
+    paired = {}  # per seed, arm minus plain over the same data: the difference a seed cannot explain away
+    if "plain" in args.arms:
+        for arm in args.arms:
+            if arm == "plain":
+                continue
+            diffs = {k: [evals[f"{arm}-s{s}"][k]["capped_wer"] - evals[f"plain-s{s}"][k]["capped_wer"] for s in args.seeds] for k in keys}
+            noisy = [np.mean([diffs[k][i] for k in keys if k != "clean"]) for i in range(len(args.seeds))]
+            paired[arm] = {"per_condition": {k: mean_spread(v) for k, v in diffs.items()}, "noisy_mean": mean_spread(noisy),
+                           "seeds_better": int(sum(d < 0 for d in noisy)), "seeds": len(args.seeds)}
+    results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "data": str(data),
+               "bank_split": bank_split, "same_data_per_seed": checks, "arms": table, "paired_vs_plain": paired,
+               "runs": {n: train_stats(r) for n, r in runs.items()}, "evaluations": evals,
+               "hardware": {"device": args.device, "cpus": os.cpu_count(), "torch": torch.__version__,
+                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(markdown(args, results, keys, arms))
+    plot(args, results, keys, arms)
+    return results
+
+
+def fmt(ms, scale=100, digits=1):
+    m, s = ms
+    return "-" if m is None else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+
+
+def markdown(args, results, keys, arms):
+    t = results["arms"]
+    n_clips = results["evaluations"][t[arms[-1]]["runs"][0]]["clean"]["clips"]
+    lines = ["# Dual against plain Whisper under noise", "",
+             f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
+             f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']} (voices and sentences never in training), bank noise from {results['bank_split']}; "
+             f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}. Capped WER (%): a clip's errors "
+             "count at most its words.", "",
+             "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
+             "|---|---|---|---|---|" + "---|" * len(args.kinds)]
+    for arm in arms:
+        r = t[arm]
+        per_kind = [np.mean([r["capped_wer"][k][0] for k in keys if k.startswith(kind + " ")]) for kind in args.kinds]
+        step = r.get("seconds_per_step")
+        lines.append(f"| {arm} | {r['params'] / 1e6:.2f}M | {'-' if step is None else f'{step[0]:.2f}'} | {fmt(r['capped_wer']['clean'])} | "
+                     f"{fmt(r['capped_wer']['noisy mean'])} | " + " | ".join(f"{100 * v:.1f}" for v in per_kind) + " |")
+    if results["paired_vs_plain"]:
+        lines += ["", "Arm minus plain on the same seed (capped WER points; negative: better than plain):", "",
+                  "| arm | noisy mean | seeds better | clean | " + " | ".join(args.kinds) + " |",
+                  "|---|---|---|---|" + "---|" * len(args.kinds)]
+        for arm, p in results["paired_vs_plain"].items():
+            per_kind = [np.mean([p["per_condition"][k][0] for k in keys if k.startswith(kind + " ")]) for kind in args.kinds]
+            lines.append(f"| {arm} | {fmt(p['noisy_mean'])} | {p['seeds_better']}/{p['seeds']} | {fmt(p['per_condition']['clean'])} | "
+                         + " | ".join(f"{100 * v:+.1f}" for v in per_kind) + " |")
+    for kind in args.kinds:
+        cols = [k for k in keys if k.startswith(kind + " ")]
+        if not cols:
+            continue
+        lines += ["", f"{kind} (capped WER %, then corpus WER %)", "", "| arm | " + " | ".join(c.split()[1] + " dB" for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for arm in arms:
+            r = t[arm]
+            lines.append(f"| {arm} | " + " | ".join(f"{fmt(r['capped_wer'][c])} ({100 * r['wer'][c][0]:.0f})" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, results, keys, arms):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: no matplotlib: the plot is left out (pip install matplotlib)", flush=True)
+        return
+    kinds = [k for k in args.kinds if any(c.startswith(k + " ") for c in keys)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        cols = [c for c in keys if c.startswith(kind + " ")]
+        x = [float(c.split()[1]) for c in cols]
+        for i, arm in enumerate(arms):
+            r = results["arms"][arm]["capped_wer"]
+            m = np.array([100 * r[c][0] for c in cols])
+            s = np.array([100 * r[c][1] for c in cols])
+            line, = ax.plot(x, m, marker="o", ms=3, label=arm, ls="--" if arm == "official" else "-", color=f"C{i}")
+            if arm != "official":
+                ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
+        ax.set_title(kind if kind != "talker" else "talker (dB below speech)")
+        ax.set_xlabel("SNR (dB)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("capped WER (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "wer_vs_snr.png", dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = resolve(get_parser().parse_args(argv))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # train.py and prepare.py, run as commands
+    t0 = time.time()
+    print(f"experiment: {args.out}: arms {args.arms}, seeds {args.seeds}, {args.init_from}, {args.max_iters} steps of {args.batch_size}",
+          flush=True)
+    data = make_data(args)
+    evals, runs, seeds = {}, {}, args.seeds
+    for k, seed in enumerate(seeds):  # seed by seed, the results rewritten after each: a stop leaves the seeds done
+        runs.update(train_seed(args, data, seed))
+        checks = same_data(runs, args, seeds[:k + 1])
+        print(f"same clips and noisy log-mel for every arm of seed {seed}: {checks[str(seed)]}", flush=True)
+        evals.update(evaluate_models(args, {f"{arm}-s{seed}": (args.out / "runs" / f"{arm}-s{seed}" / "latest", "--plain" not in ARMS[arm])
+                                            for arm in args.arms}, data))
+        if k == 0 and not args.no_official:  # the official checkpoint's row, once the first seed's comparison is in
+            evals.update(evaluate_models(args, {"official": (args.init_from, False)}, data))
+        args.seeds = seeds[:k + 1]
+        write_results(args, data, runs, evals, checks, bank_split_of(data))
+        print((args.out / "results.md").read_text(), flush=True)
+    print(f"done in {(time.time() - t0) / 60:.1f} min: {args.out}/results.json, results.md, wer_vs_snr.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
