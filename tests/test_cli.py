@@ -121,7 +121,7 @@ def test_train_start_that_fails_leaves_no_run_folder(tmp_path, corpus, tiny_dir,
 def test_evaluations_say_so_and_count_in_the_eta(tmp_path, corpus, tiny_dir, capsys, monkeypatch):
     import train
 
-    slow = 0.5
+    slow = 3.0  # seconds: well above the steps' own variation, so that the order of the ETAs is the evaluations'
     evaluate = train.evaluate
 
     def slow_evaluate(*args, **kwargs):
