@@ -94,7 +94,7 @@ def test_passing_tests_leave_nothing_in_the_temp_folder(tmp_path):
 # -----------------------------------------------------------------------------
 # train.py at its edges (fixtures and helpers of test_train.py: a tiny random model, jfk.flac pieces)
 
-from test_train import corpus, quick, records, tiny_dir, tokenizer, train_main  # noqa: E402,F401
+from conftest import quick, records, train_main  # noqa: E402
 
 
 def test_train_start_that_fails_leaves_no_run_folder(tmp_path, corpus, tiny_dir, capsys, monkeypatch):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import ROOT, need
 from safetensors.torch import load_file
-from test_sample import _wav, assert_batched_matches_alone, assert_same_transcript, long_audio  # noqa: F401 (a fixture)
-from test_train import abs_diff, corpus, quick, records, run_train, tiny_model, tokenizer  # noqa: F401
+from conftest import abs_diff, quick, records, run_train, tiny_model
+from test_sample import _wav, assert_batched_matches_alone, assert_same_transcript
 
 import dualwhisper as dw
 

@@ -14,7 +14,7 @@ import dualwhisper as dw
 import prepare
 import train
 from conftest import need
-from test_train import tiny_model
+from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,20 +34,6 @@ def assert_same_transcript(ours, ref):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (key, a[key], b[key])
 
 
-@pytest.fixture(scope="module")
-def long_audio(jfk_audio):
-    """61 s of real speech with pauses: the phrases of jfk.flac rearranged, some slower or faster,
-    between silences of 3 to 5 s, so that windows end mid-phrase and seek by timestamps."""
-    sec = lambda a, b: jfk_audio[int(a * SR):int(b * SR)]
-    p1, p2, p3, p4 = sec(0, 2.6), sec(2.6, 4.7), sec(4.7, 7.9), sec(7.9, 11.0)
-    pause = lambda s: np.zeros(int(s * SR), np.float32)
-    slower = lambda a, rate: dw.resample(a, SR, rate)  # played at 16 kHz: slower above 16000, faster below
-    audio = np.concatenate([p3, pause(3), p1, slower(p4, 17600), pause(4.5), p2, slower(p3, 14400), pause(4), p3, pause(5),
-                            p4, pause(4), slower(p1, 17200), pause(3.5), p2, pause(4.5), p4, pause(4)])
-    assert len(audio) > 60 * SR
-    return audio.astype(np.float32)
-
-
 # -----------------------------------------------------------------------------
 # parity with openai-whisper
 

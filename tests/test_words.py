@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import need
-from test_sample import long_audio  # noqa: F401 (a fixture)
 
 import dualwhisper as dw
 import sample
