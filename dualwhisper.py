@@ -2,65 +2,25 @@
 dualwhisper: OpenAI's Whisper in one file, with a second cross-attention branch in every decoder
 layer fused with the first by a learned gate.
 
-Sections: dimensions, audio front end, tokenizer, model, loading and saving, decoding.
+Sections: dimensions, the model, audio front end, tokenizer, loading and saving, noise,
+decoding, transcription, text normalisation, and at the end the optional CPU decoding speed-up.
 The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_post`, ...) so that its
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """
 
+import argparse
 import copy
-import ctypes
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache, wraps
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# -----------------------------------------------------------------------------
-# the process
-
-
-def tune_cpu_allocator():
-    """Have glibc's malloc serve blocks of up to 32 MB from its heap and keep what is freed.
-    torch allocates every activation afresh, and by default glibc maps many large blocks from the
-    kernel and returns them when freed, so each 4 KB page of the next one faults on first touch:
-    1,700 to 63,000 faults a transcription of jfk.flac with tiny.en, as the heap's history
-    goes. With this, 0 to 3,400 after the first. On this project's 2-core CPU, in four alternating pairs of processes, a
-    transcription of jfk.flac took about 10% less time at the median (openai-whisper in such a
-    process: about 4%), and a training step of bench.py train about 6% less. The cost is memory
-    that stays with the process after use. sample.py and train.py call it at start; as it
-    changes the whole process, importing this file does not. Returns whether it took effect
-    (glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-
-
-def usable_device(name):
-    """torch.device(name) if this machine can run on it, else a ValueError that says why."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: expected cpu, cuda, cuda:N, mps, ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: " + ("this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"))
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name}: MPS is not available here")
-    return device
-
 
 # -----------------------------------------------------------------------------
 # dimensions
@@ -78,7 +38,15 @@ class ModelDimensions:
     n_text_state: int = 384
     n_text_head: int = 6
     n_text_layer: int = 4
-    dual: bool = True  # second cross-attention branch + gate in every decoder layer
+    dual: bool = True  # a second cross-attention branch and a gate in every decoder layer
+    gate: str = "tanh"  # how the branches are fused: one of GATES
+    branch2: str = "fresh"  # the second branch at the start: "fresh" (newly initialised) or "copy" (of the first)
+
+    def __post_init__(self):
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}: expected one of {', '.join(GATES)}")
+        if self.branch2 not in ("fresh", "copy"):
+            raise ValueError(f"unknown branch2 {self.branch2!r}: expected fresh or copy")
 
     @classmethod
     def from_dict(cls, d):
@@ -89,7 +57,7 @@ class ModelDimensions:
         return cls(**d)
 
     @classmethod
-    def from_hf_config(cls, cfg, dual=True):
+    def from_hf_config(cls, cfg, **kwargs):
         """Dimensions from a Hugging Face `config.json` of a Whisper model."""
         d = cfg["d_model"]
         odd = {k: cfg.get(k) for k, want in (("encoder_ffn_dim", 4 * d), ("decoder_ffn_dim", 4 * d),
@@ -101,7 +69,7 @@ class ModelDimensions:
             n_audio_state=cfg["d_model"], n_audio_head=cfg["encoder_attention_heads"],
             n_audio_layer=cfg["encoder_layers"], n_vocab=cfg["vocab_size"],
             n_text_ctx=cfg["max_target_positions"], n_text_state=cfg["d_model"],
-            n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"], dual=dual)
+            n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"], **kwargs)
 
     @property
     def is_multilingual(self):
@@ -110,6 +78,380 @@ class ModelDimensions:
     @property
     def num_languages(self):
         return self.n_vocab - 51765 - int(self.is_multilingual)
+
+
+# -----------------------------------------------------------------------------
+# the model: openai-whisper's, plus the second cross-attention branch and its gate
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, as in Whisper."""
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type(x.dtype)
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv1d(nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def sinusoids(length, channels, max_timescale=10000):
+    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines."""
+    assert channels % 2 == 0
+    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2, device="cpu"))
+    t = torch.arange(length, device="cpu")[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+def attention(q, k, v, mask=None, need_weights=False):
+    """Scaled dot-product attention of q (B, H, T, D) to k, v (W, H, S, D). When decoding with
+    beams, W < B: each window's keys and values are shared by its B // W consecutive rows, whose
+    queries then attend together as one longer query (no copy of the keys per beam).
+    mask: None, "causal", or a boolean (B, 1, T, S), True where a query may look.
+    Returns the output (B, H, T, D) and, when need_weights, the weights (B, H, T, S) in float32."""
+    B, H, T, D = q.shape
+    if need_weights:
+        att = (q @ k.transpose(-2, -1)).float() * D ** -0.5
+        if isinstance(mask, str):
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - T)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(dim=-1)
+        return att.to(q.dtype) @ v, att
+    if k.shape[0] < B:  # beams sharing their window's keys and values
+        G = B // k.shape[0]
+        q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return y.view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D), None
+    causal = isinstance(mask, str)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal), None
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention, or cross-attention over the audio features. The key projection has no
+    bias, as in Whisper."""
+
+    def __init__(self, n_state, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+
+    def heads(self, x):  # (B, T, C) -> (B, H, T, D)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def kv(self, xa):
+        """Keys and values (B, H, S, D) of the audio features xa (B, S, C)."""
+        return self.heads(self.key(xa)), self.heads(self.value(xa))
+
+    def forward(self, x, xa=None, mask=None, kv_cache=None, offset=0, need_weights=False):
+        """x (B, T, C) -> (B, T, C), and the attention weights (B, H, T, S) if need_weights.
+
+        Cross-attention: over audio features xa (B, S, C), or when decoding over their keys and
+        values xa = (k, v), computed once per window by `kv`. Self-attention (xa None): with
+        kv_cache = (k, v) buffers (B, H, n_ctx, D), this step's keys and values are written at
+        positions offset..offset+T, and the queries attend to every position written so far."""
+        B, T, C = x.shape
+        q = self.heads(self.query(x))
+        if isinstance(xa, tuple):
+            k, v = xa
+        elif xa is not None:
+            k, v = self.kv(xa)
+        else:
+            k, v = self.heads(self.key(x)), self.heads(self.value(x))
+            if kv_cache is not None:
+                kv_cache[0][:, :, offset:offset + T] = k
+                kv_cache[1][:, :, offset:offset + T] = v
+                k, v = kv_cache[0][:, :, :offset + T], kv_cache[1][:, :, :offset + T]
+        y, weights = attention(q, k, v, mask, need_weights)
+        return self.out(y.transpose(1, 2).reshape(B, T, C)), weights
+
+
+GATES = ("tanh", "sigmoid", "channel", "layer")
+
+
+class ResidualAttentionBlock(nn.Module):
+    """A pre-LN transformer block. Decoder blocks add cross-attention over the audio and, when
+    dual, a second cross-attention branch fused with the first by a gate:
+
+        a = cross_attn(cross_attn_ln(x), audio)          primary branch (official weights)
+        b = cross_attn2(cross_attn2_ln(x), audio)        secondary branch (new)
+        g = tanh(gate([cross_attn_ln(x), a, b]))         one weight per token, (B, T, 1)
+        x = x + (1 - g) * a + g * b
+
+    Why this form. The gate sees the decoder state and both branch outputs, so it can learn per
+    token when the second view of the audio is worth more (noisy frames, a second talker).
+    `gate` starts at zero weight and bias, so g = 0 and the block computes exactly what the
+    official Whisper computes, whatever the secondary branch holds. Any exact-at-init fusion of
+    the form g * d has one factor identically zero at init and so one factor without gradient at
+    step 0; we choose which. A convex mix over a copied branch (d = b - a = 0) starves the gate,
+    whose gradient grows only as the copies drift apart, and keeps the copies symmetric. Here the
+    secondary branch is freshly initialised, so b - a is a real, input-dependent signal and the
+    gate gets its full gradient from the first step: after one optimiser step g != 0 and the
+    branch gets gradient g * dL/dx. Adam normalises that gradient, so the branch moves at full
+    speed as soon as the gate has opened a little; a larger learning rate on the new parts
+    (train.py --dual_lr_mult) opens the gate within tens of steps.
+
+    The other gates, for comparison (ModelDimensions.gate): "sigmoid", the convex mix
+    g = sigmoid(gate([...])) (exact at init only over a copied branch, branch2="copy");
+    "channel", the tanh gate with one weight per channel, (B, T, C); "layer", one learned scalar
+    per layer, g = tanh(gate), zero at init.
+    """
+
+    def __init__(self, n_state, n_head, cross_attention=False, dual=False, gate="tanh"):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.dual = cross_attention and dual
+        if self.dual:
+            self.gate_kind = gate
+            self.cross_attn2 = MultiHeadAttention(n_state, n_head)
+            self.cross_attn2_ln = LayerNorm(n_state)
+            self.gate = nn.Parameter(torch.zeros(1)) if gate == "layer" else Linear(3 * n_state, n_state if gate == "channel" else 1)
+            self.reset_dual_parameters()
+        n_mlp = n_state * 4
+        self.mlp = nn.Sequential(Linear(n_state, n_mlp), nn.GELU(), Linear(n_mlp, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def reset_dual_parameters(self):
+        """The second branch freshly initialised, the gate at zero."""
+        for m in (self.cross_attn2, self.cross_attn2_ln):
+            for sub in m.modules():
+                if hasattr(sub, "reset_parameters"):
+                    sub.reset_parameters()
+        for p in ([self.gate] if self.gate_kind == "layer" else self.gate.parameters()):
+            nn.init.zeros_(p)
+
+    def copy_primary_branch(self):
+        """The second branch set to a copy of the first (branch2="copy")."""
+        self.cross_attn2.load_state_dict(self.cross_attn.state_dict())
+        self.cross_attn2_ln.load_state_dict(self.cross_attn_ln.state_dict())
+
+    def gate_is_closed(self):
+        """True when the gate is exactly zero whatever the input (the tanh gates as initialised):
+        the second branch then adds nothing, and decoding skips it."""
+        if self.gate_kind == "sigmoid":
+            return False
+        return not any(p.any() for p in ([self.gate] if self.gate_kind == "layer" else self.gate.parameters()))
+
+    def fuse(self, h, a, b):
+        """The gate g and the fused branches (1 - g) * a + g * b."""
+        if self.gate_kind == "layer":
+            g = torch.tanh(self.gate).to(a.dtype)
+        else:
+            g = self.gate(torch.cat([h, a, b], dim=-1))  # (B, T, 1) or (B, T, C)
+            g = torch.sigmoid(g) if self.gate_kind == "sigmoid" else torch.tanh(g)
+        return g, a + g * (b - a)
+
+    def cross_kv(self, xa):
+        """Cross-attention keys and values of each branch for a batch of windows, computed once
+        for decoding; None for the second branch while its gate is closed."""
+        branches = [self.cross_attn.kv(xa), self.cross_attn2.kv(xa) if self.dual and not self.gate_is_closed() else None]
+        # each head's (S, D) block contiguous: every decoding step streams all of them
+        return [None if kv is None else (kv[0].contiguous(), kv[1].contiguous()) for kv in branches]
+
+    def forward(self, x, xa=None, mask=None, kv_cache=None, offset=0, details=None):
+        """x (B, T, C); xa: audio features (B, S, C) for decoder blocks. When decoding, xa is None
+        and kv_cache is this layer's (self-attention buffers, [cross keys and values of each
+        branch]) from a KVCache. details: a list that gets this layer's cross-attention weights
+        and gate values (analysis, plots, word timestamps)."""
+        self_kv, cross = kv_cache if kv_cache is not None else (None, (xa, xa))
+        x = x + self.attn(self.attn_ln(x), mask=mask, kv_cache=self_kv, offset=offset)[0]
+        if self.cross_attn is not None:
+            want = details is not None
+            h = self.cross_attn_ln(x)
+            a, wa = self.cross_attn(h, cross[0], need_weights=want)
+            g = wb = None
+            if self.dual and cross[1] is not None:  # None: a closed gate, skipped when decoding
+                b, wb = self.cross_attn2(self.cross_attn2_ln(x), cross[1], need_weights=want)
+                g, a = self.fuse(h, a, b)
+            if want:
+                gate = None if not self.dual else a.new_zeros(a.shape[:2]) if g is None else g.float().mean(-1).expand(a.shape[:2])
+                details.append({"cross_attn": wa, "cross_attn2": wb, "gate": gate})
+            x = x + a
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
+        super().__init__()
+        self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state).to(torch.get_default_device()))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = LayerNorm(n_state)
+        self.checkpointing = False  # recompute each block's activations in the backward pass
+
+    def forward(self, x):
+        """x: log-mel (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
+        x = F.gelu(self.conv1(x))
+        x = F.gelu(self.conv2(x))
+        x = x.permute(0, 2, 1)  # (B, n_ctx, n_state)
+        if x.shape[1] > self.positional_embedding.shape[0]:
+            raise ValueError(f"audio of {x.shape[1]} positions is longer than the encoder's {self.positional_embedding.shape[0]}")
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual, gate="tanh"):
+        super().__init__()
+        # random starts of standard deviation 1 and 0.01, drawn uniformly: normal_ on the meta
+        # device, where load_model builds the model, imports torch's compiler (seconds a start)
+        self.token_embedding = nn.Embedding(n_vocab, n_state, _weight=torch.empty(n_vocab, n_state).uniform_(-3 ** 0.5, 3 ** 0.5))
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state).uniform_(-0.01 * 3 ** 0.5, 0.01 * 3 ** 0.5))
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, dual=dual, gate=gate) for _ in range(n_layer)])
+        self.ln = LayerNorm(n_state)
+        self.checkpointing = False
+
+    def forward(self, tokens, xa=None, kv_cache=None, offset=0, details=None):
+        """tokens (B, T) at positions offset..offset+T; xa: audio features (B, S, C), or None when
+        kv_cache (a KVCache) holds the cross-attention keys and values. Returns float32 logits (B, T, n_vocab)."""
+        return self.project(self.hidden(tokens, xa, kv_cache, offset, details))
+
+    def hidden(self, tokens, xa=None, kv_cache=None, offset=0, details=None):
+        """The final normalised states (B, T, C), before the output projection (decoding projects
+        only the positions it needs)."""
+        T = tokens.shape[-1]
+        # several tokens at once start at position 0 (training, a prompt); decoding goes on one at a time
+        pos, mask = self.positional_embedding[offset:offset + T], "causal" if T > 1 else None
+        if kv_cache is not None and kv_cache.pad is not None:  # rows left-padded to a common prompt length
+            pos, mask = kv_cache.positions(offset, T)
+            pos = self.positional_embedding[pos]
+        x = self.token_embedding(tokens) + pos
+        x = x.to(xa.dtype if xa is not None else kv_cache.dtype if kv_cache is not None else x.dtype)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if kv_cache is None else (kv_cache.self_kv[i], kv_cache.cross[i])
+            if self.checkpointing and self.training and kv_cache is None and details is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, xa, mask, use_reentrant=False)
+            else:
+                x = block(x, xa, mask=mask, kv_cache=layer_cache, offset=offset, details=details)
+        return self.ln(x)
+
+    def project(self, x):
+        """Float32 logits (..., n_vocab) of final states x (..., C): the output is tied to the embedding."""
+        return (x @ self.token_embedding.weight.to(x.dtype).t()).float()
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer,
+                                   dims.dual, dims.gate)
+        self.source_dir = None  # folder with tokenizer and generation files, set by load_model
+        self.generation_config = {}
+
+    def embed_audio(self, mel):
+        return self.encoder(mel)
+
+    def logits(self, tokens, audio_features):
+        return self.decoder(tokens, audio_features)
+
+    def forward(self, mel, tokens, targets=None, reduction="mean"):
+        """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab); with targets (B, T),
+        where -100 marks positions to ignore, the cross-entropy instead: its mean over the target
+        tokens, or with reduction="sum" their sum (train.py divides by the global batch's count)."""
+        logits = self.decoder(tokens, self.encoder(mel))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+    def analyse(self, mel, tokens):
+        """Logits plus, per decoder layer, a dict of the gate values (B, T) and both branches'
+        cross-attention weights (B, H, T, S): for plots, analysis and word timestamps."""
+        details = []
+        logits = self.decoder(tokens, self.encoder(mel), details=details)
+        return logits, details
+
+    @property
+    def is_multilingual(self):
+        return self.dims.is_multilingual
+
+    @property
+    def num_languages(self):
+        return self.dims.num_languages
+
+    def dual_parameter_names(self):
+        """Names of the new parameters (second cross-attention branch, its norm, the gate)."""
+        return [n for n, _ in self.named_parameters() if is_dual_parameter(n)]
+
+    def gradient_checkpointing(self, enabled=True):
+        self.encoder.checkpointing = self.decoder.checkpointing = enabled
+
+
+def is_dual_parameter(name):
+    return any(part in name.split(".") for part in ("cross_attn2", "cross_attn2_ln", "gate"))
+
+
+class KVCache:
+    """The decoder's explicit cache for one batch of audio windows: per layer, the self-attention
+    keys and values in preallocated (B, H, n_ctx, D) tensors written at their positions, and the
+    cross-attention keys and values of each branch, computed once from the audio features.
+    The self-attention slots start empty: a query reads only positions up to its own, all
+    written by then."""
+
+    def __init__(self, model, audio_features, n_ctx=None):
+        n_ctx = n_ctx or model.dims.n_text_ctx
+        B, _, C = audio_features.shape
+        H = model.dims.n_text_head
+        self.dtype = audio_features.dtype
+        self.cross = [block.cross_kv(audio_features) for block in model.decoder.blocks]  # per layer: [(k, v), (k, v) or None]
+        shape = (B, H, n_ctx, C // H)
+        self.self_kv = [(audio_features.new_empty(shape), audio_features.new_empty(shape)) for _ in model.decoder.blocks]
+        self.pad = None  # (B,) left-padding slots per row, when rows hold prompts of different lengths
+
+    def positions(self, offset, T):
+        """For left-padded rows: the positional index of slots offset..offset+T (B, T), and the
+        mask (B, 1, T, offset+T) of the keys each may see: none of the padding, which sees itself."""
+        slots = torch.arange(offset, offset + T, device=self.pad.device)
+        pos = (slots - self.pad[:, None]).clamp(min=0)
+        keys = torch.arange(offset + T, device=self.pad.device)
+        mask = (keys <= slots[:, None]) & ((keys >= self.pad[:, None, None]) | (keys == slots[:, None]))
+        return pos, mask[:, None]
+
+    def reorder(self, index, cross=True):
+        """Keep batch rows `index`: beams (cross=False: the windows stay, shared by their beams), or
+        rows leaving a batch of one row per window (cross=True)."""
+        self.self_kv = [(k[index], v[index]) for k, v in self.self_kv]
+        if cross:
+            self.cross = [[None if kv is None else (kv[0][index], kv[1][index]) for kv in layer] for layer in self.cross]
+        if self.pad is not None:
+            self.pad = self.pad[index]
+
+    def rows(self, index, n_ctx, group=1):
+        """A new cache for windows `index` of this one, each decoded as `group` consecutive rows
+        (beams or samples): those windows' cross-attention keys and values, shared by their rows,
+        and empty self-attention slots for n_ctx positions."""
+        new = copy.copy(self)
+        index = torch.as_tensor(index, device=self.self_kv[0][0].device)
+        if len(index) != len(self.self_kv[0][0]) or not torch.equal(index.cpu(), torch.arange(len(index))):
+            new.cross = [[None if kv is None else (kv[0][index], kv[1][index]) for kv in layer] for layer in self.cross]
+        k = self.self_kv[0][0]
+        shape = (len(index) * group, k.shape[1], n_ctx, k.shape[3])
+        new.self_kv = [(k.new_empty(shape), k.new_empty(shape)) for _ in self.self_kv]
+        new.pad = None
+        return new
 
 
 # -----------------------------------------------------------------------------
@@ -125,45 +467,66 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
 TOKENS_PER_SECOND = SAMPLE_RATE // (2 * HOP_LENGTH)  # 50 encoder positions (20 ms each) a second
 
 
-def resample(audio, orig_sr, new_sr=SAMPLE_RATE, width=16, rolloff=0.945):
-    """Band-limited resampling of a float array (..., n) by windowed-sinc polyphase filtering.
-    For each of the `new` output phases of a ratio new/orig (reduced by their gcd) one Hann-windowed
-    sinc kernel is built; a strided conv1d then produces all phases at once."""
+def resample(audio, orig_sr, new_sr=SAMPLE_RATE):
+    """Band-limited resampling of float samples (..., n), numpy or torch, with soxr (the SoX
+    resampler at its high quality). Returns float32."""
     if orig_sr == new_sr:
         return audio
-    is_numpy = isinstance(audio, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)) if is_numpy else audio.float()
-    g = math.gcd(int(orig_sr), int(new_sr))
-    orig, new = int(orig_sr) // g, int(new_sr) // g
-    cutoff = min(orig, new) * rolloff  # in units where the output rate is `new`
-    half = math.ceil(width * orig / cutoff)  # kernel half-length in input samples
-    idx = torch.arange(-half, half + orig, dtype=torch.float64) / orig
-    t = (-torch.arange(new, dtype=torch.float64)[:, None] / new + idx[None]) * cutoff
-    t = t.clamp(-width, width)
-    window = torch.cos(t * math.pi / width / 2) ** 2
-    kernels = torch.sinc(t) * window * (cutoff / orig)  # (new, K)
+    import soxr
+
+    is_tensor = torch.is_tensor(audio)
+    x = audio.detach().float().cpu().numpy() if is_tensor else np.asarray(audio, dtype=np.float32)
     shape = x.shape
-    x = x.reshape(-1, 1, shape[-1])
-    x = F.pad(x, (half, half + orig))
-    y = F.conv1d(x, kernels.to(x.dtype)[:, None], stride=orig)  # (B, new, L)
-    y = y.transpose(1, 2).reshape(*shape[:-1], -1)
-    y = y[..., : math.ceil(new * shape[-1] / orig)]
-    return y.numpy() if is_numpy else y
+    y = soxr.resample(np.ascontiguousarray(x.reshape(-1, shape[-1]).T), orig_sr, new_sr)  # (n, rows) in, (m, rows) out
+    y = np.ascontiguousarray(y.T).reshape(*shape[:-1], -1)
+    return torch.from_numpy(y).to(audio.device) if is_tensor else y
+
+
+def decode_with_av(source):
+    """(float32 mono samples, sample rate) of a file or file object through PyAV, whose wheels carry
+    ffmpeg's libraries: the containers and codecs soundfile does not read (m4a, mp4, webm, ...).
+    Raises ImportError when PyAV is not installed, ValueError when it cannot decode the source."""
+    import av
+
+    try:
+        with av.open(source) as container:
+            if not container.streams.audio:
+                raise ValueError("it has no audio stream")
+            planar = av.AudioResampler(format="fltp")  # float32, the stream's own channels and rate
+            chunks, sr = [], container.streams.audio[0].rate
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray() for f in planar.resample(frame)]  # (channels, n) each
+            chunks += [f.to_ndarray() for f in planar.resample(None)]
+    except av.FFmpegError as e:
+        raise ValueError(e.strerror or type(e).__name__) from None  # without the path, which the caller names
+    if not chunks:
+        return np.zeros(0, np.float32), sr
+    return np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32), sr
 
 
 def load_audio(path, sr=SAMPLE_RATE):
-    """Read an audio file with soundfile (wav, flac, ogg, mp3, ...), mix to mono and resample to `sr`.
+    """Read an audio file, mix to mono and resample to `sr`. soundfile reads wav, flac, ogg and
+    mp3; other formats (m4a, mp4, webm, ...) go through PyAV when it is installed.
     Returns float32 numpy samples in [-1, 1]."""
     import soundfile as sf
 
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"audio file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"audio file {path} is empty (0 bytes)")
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
+        audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError with terse messages
-        raise ValueError(f"cannot decode audio file {path}: {str(e).strip() or type(e).__name__}") from None
-    audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        why = str(e).strip().removeprefix(f"Error opening {path!r}: ") or type(e).__name__
+        try:
+            audio, file_sr = decode_with_av(path)
+        except ImportError:
+            raise ValueError(f"cannot decode audio file {path} ({why}): for m4a, mp4, webm and the other formats "
+                             "that ffmpeg reads, install PyAV: pip install av") from None
+        except ValueError as e2:
+            raise ValueError(f"cannot decode audio file {path}: {e2} (soundfile: {why})") from None
     if not np.isfinite(audio).all():
         raise ValueError(f"audio file {path} contains NaN or infinite samples")
     return np.ascontiguousarray(resample(audio, file_sr, sr), dtype=np.float32)
@@ -250,7 +613,6 @@ def log_mel_spectrogram(audio, n_mels=80, padding=0, device=None):
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
-
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -432,666 +794,6 @@ def get_tokenizer(model_or_folder, **kwargs):
         return Tokenizer.from_pretrained(folder, n_vocab=model_or_folder.dims.n_vocab, **kwargs)
     return Tokenizer.from_pretrained(model_or_folder, **kwargs)
 
-
-# -----------------------------------------------------------------------------
-# model
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype, as in Whisper."""
-
-    def forward(self, x):
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type(x.dtype)
-
-
-class Linear(nn.Linear):
-    half_copy = None  # while decoding on a CPU (_half_precision_products): True, then this layer's half-precision copy ([] if none)
-
-    def forward(self, x):
-        w, b = self.weight, self.bias
-        if w.dtype != x.dtype:
-            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-        # one row in float32 (a decoding step), never while compiling: torch.get_num_threads breaks
-        # the graph, and each Linear's shapes then compile on their own (GPU training at a seventh
-        # of its speed); nor may compilation read half_copy, or it recompiles when that changes
-        if not torch.compiler.is_compiling() and x.numel() == x.shape[-1] and x.dtype == torch.float32:
-            if self.half_copy is True:  # this decode's first one-row product: the copy, made or checked once
-                self.half_copy = _half_copy(self, self.weight, self.bias)
-            if self.half_copy:  # from the half-precision copy: half the bytes to read
-                return torch.ops.quantized.linear_dynamic_fp16(x, self.half_copy[0])
-            if x.device.type == "cpu" and not torch.is_grad_enabled() and (n := torch.get_num_threads()) > 1 and w.shape[0] % n == 0:
-                # on a CPU: one product per core, each with its share of the outputs, since the BLAS
-                # gives such a small product one core, and reading the weight from memory is all
-                # its cost (a decoding step 10 to 13% faster; the same numbers, which for several
-                # rows they are not)
-                rows = x.reshape(1, 1, x.shape[-1]).expand(n, -1, -1)
-                y = torch.bmm(rows, w.view(n, -1, w.shape[1]).transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], -1)
-                return y if b is None else y + b
-        return F.linear(x, w, b)
-
-
-class Conv1d(nn.Conv1d):
-    def forward(self, x):
-        return self._conv_forward(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-def sinusoids(length, channels, max_timescale=10000):
-    """Whisper's fixed sinusoidal positions for the encoder: sines then cosines. Computed on the CPU,
-    then moved to the default device: on the meta device (load_model), arithmetic imports torch._dynamo (2 s)."""
-    assert channels % 2 == 0
-    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2, device="cpu"))
-    t = torch.arange(length, device="cpu")[:, None] * inv[None, :]
-    return torch.cat([torch.sin(t), torch.cos(t)], dim=1).to(torch.get_default_device())
-
-
-def _attend(q, k, v, mask=None):
-    """Attention of queries q (B, H, T, D) to keys and values (W, H, S, D), where each window's
-    keys are shared by B // W consecutive rows (beams), which then attend as one longer query.
-    mask: None, "causal", or a boolean mask (True where a query may look)."""
-    B, H, T, D = q.shape
-    if k.shape[0] < B:
-        G = B // k.shape[0]
-        q = q.view(-1, G, H, T, D).transpose(1, 2).reshape(-1, H, G * T, D)
-        return F.scaled_dot_product_attention(q, k, v).view(-1, H, G, T, D).transpose(1, 2).reshape(B, H, T, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal")
-
-
-class MultiHeadAttention(nn.Module):
-    """Self-attention (xa=None) or cross-attention over audio features xa. The key projection has
-    no bias, as in Whisper."""
-
-    def __init__(self, n_state, n_head):
-        super().__init__()
-        self.n_head = n_head
-        self.query = Linear(n_state, n_state)
-        self.key = Linear(n_state, n_state, bias=False)
-        self.value = Linear(n_state, n_state)
-        self.out = Linear(n_state, n_state)
-
-    def heads(self, x):  # (B, T, C) -> (B, H, T, D)
-        B, T, C = x.shape
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-
-    def kv(self, xa):
-        """Keys and values of the audio features: computed once per window when decoding."""
-        return self.heads(self.key(xa)), self.heads(self.value(xa))
-
-    def folded(self, q, xa):
-        """Cross-attention of fewer text tokens T than a head has dimensions D (training on short
-        utterances), with the key and value projections folded into the queries and the output:
-        q . (xa Wk)^T = (q Wk) . xa^T and p (xa Wv^T + bv) = (p xa) Wv^T + bv, as rows of p sum
-        to 1. This costs T/D of projecting the S audio positions to keys and values, forward and
-        backward, the bulk of a decoder's work when T is small. Used with autograd only: without
-        it, the usual form gives openai-whisper's numbers bit for bit. q: (B, H, T, D) -> (B, H, T, D)."""
-        B, H, T, D = q.shape
-        wk = self.key.weight.to(q.dtype).view(H, D, -1)  # (H, D, C)
-        wv = self.value.weight.to(q.dtype).view(H, D, -1)
-        xa = xa.to(q.dtype)  # (B, S, C)
-        # scaled before the products, on the fewest numbers (by 1/8 for Whisper's D of 64: the same bits as after)
-        qk = torch.einsum("bhtd,hdc->bhtc", q * D ** -0.5, wk).reshape(B, H * T, -1)  # heads side by side: one product with xa
-        att = (qk @ xa.transpose(1, 2)).float()  # (B, H * T, S)
-        mixed = (att.softmax(dim=-1).to(q.dtype) @ xa).view(B, H, T, -1)  # (B, H, T, C)
-        return torch.einsum("bhtc,hdc->bhtd", mixed, wv) + self.value.bias.to(q.dtype).view(H, D)[:, None]
-
-    def forward(self, x, xa=None, kv=None, causal=False, cache=None, offset=0, weights=None, mask=None):
-        """x: (B, T, C). Cross-attention takes xa (B, S, C) or its precomputed kv. Cached
-        self-attention writes this step's keys and values at positions offset..offset+T of the
-        preallocated `cache` = (k, v), each (B, H, n_ctx, D), and attends to all positions so far.
-        If `weights` is a list, the attention weights (B, H, T, S) are appended to it. A boolean
-        `mask` (B, 1, T, S), True where a query may look, replaces the causal mask (padded batches)."""
-        B, T, C = x.shape
-        q = self.heads(self.query(x))
-        if kv is None and xa is not None and T < q.shape[3] and weights is None and torch.is_grad_enabled():
-            return self.out(self.folded(q, xa).transpose(1, 2).reshape(B, T, C))
-        if kv is not None:
-            k, v = kv
-        elif xa is not None:
-            k, v = self.kv(xa)
-        else:
-            k, v = self.heads(self.key(x)), self.heads(self.value(x))
-            if cache is not None:
-                cache[0][:, :, offset:offset + T] = k
-                cache[1][:, :, offset:offset + T] = v
-                k, v = cache[0][:, :, :offset + T], cache[1][:, :, :offset + T]
-        if mask is None and causal and T > 1:
-            if offset == 0 and weights is None:
-                mask = "causal"
-            else:  # query i sits at position offset + i and may see keys up to there
-                i = torch.arange(T, device=x.device)[:, None] + offset
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
-        if weights is None and isinstance(k, list):  # windows in pieces of a KVCache's tensors (KVCache.cross)
-            G = B // sum(len(piece) for piece in k)
-            y = torch.cat([_attend(qi, ki, vi) for qi, ki, vi in zip(q.split([len(piece) * G for piece in k]), k, v)])
-        elif weights is None:
-            y = _attend(q, k, v, mask)
-        else:
-            att = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            att = att.softmax(dim=-1)
-            weights.append(att)
-            y = att.to(q.dtype) @ v
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
-
-
-class ResidualAttentionBlock(nn.Module):
-    """A pre-LN transformer block. Decoder blocks add cross-attention over the audio and, when
-    dual, a second cross-attention branch fused with the first by a gate:
-
-        a = cross_attn(cross_attn_ln(x), audio)          primary branch (official weights)
-        b = cross_attn2(cross_attn2_ln(x), audio)        secondary branch (new)
-        g = tanh(gate([cross_attn_ln(x), a, b]))         one weight per token, (B, T, 1)
-        x = x + (1 - g) * a + g * b
-
-    Why this form. The gate sees the decoder state and both branch outputs, so it can learn per
-    token when the second view of the audio is worth more (noisy frames, a second talker).
-    `gate` starts at zero weight and bias, so g = 0 and the block computes exactly what the
-    official Whisper computes, whatever the secondary branch holds. Any exact-at-init fusion of
-    the form g * d has one factor identically zero at init and so one factor without gradient at
-    step 0; we choose which. A convex mix over a copied branch (d = b - a = 0) starves the gate,
-    whose gradient grows only as the copies drift apart, and keeps the copies symmetric. Here the
-    secondary branch is freshly initialised, so b - a is a real, input-dependent signal and the
-    gate gets its full gradient from the first step: after one optimiser step g != 0 and the
-    branch gets gradient g * dL/dx. Adam normalises that gradient, so the branch moves at full
-    speed as soon as the gate has opened a little; a larger learning rate on the new parts
-    (train.py --dual_lr_mult) opens the gate within tens of steps.
-    """
-
-    def __init__(self, n_state, n_head, cross_attention=False, dual=False):
-        super().__init__()
-        self.attn = MultiHeadAttention(n_state, n_head)
-        self.attn_ln = LayerNorm(n_state)
-        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
-        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
-        self.dual = cross_attention and dual
-        if self.dual:
-            self.cross_attn2 = MultiHeadAttention(n_state, n_head)
-            self.cross_attn2_ln = LayerNorm(n_state)
-            self.gate = Linear(3 * n_state, 1)
-            self.reset_dual_parameters()
-        n_mlp = n_state * 4
-        self.mlp = nn.Sequential(Linear(n_state, n_mlp), nn.GELU(), Linear(n_mlp, n_state))
-        self.mlp_ln = LayerNorm(n_state)
-
-    def reset_dual_parameters(self):
-        for m in (self.cross_attn2, self.cross_attn2_ln):
-            for sub in m.modules():
-                if hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
-
-    def cross_kv(self, xa):
-        """Cross-attention keys and values of both branches for one audio window; only the primary
-        branch's while the gate is exactly zero (as loaded from official weights), since the
-        secondary branch then adds nothing and decoding skips it. Each head's keys and values are
-        made contiguous: every decoding step reads them all, and the attention kernel streams a
-        head's (S, D) block 1.5x faster for one window, 1.7x for 16, than the same block strided
-        through (S, H, D) (the same numbers)."""
-        kv = [self.cross_attn.kv(xa)]
-        if self.dual and (self.gate.weight.any() or self.gate.bias.any()):
-            kv.append(self.cross_attn2.kv(xa))
-        return [(k.contiguous(), v.contiguous()) for k, v in kv]
-
-    def forward(self, x, xa=None, cross_kv=None, cache=None, offset=0, details=None, mask=None):
-        causal = self.cross_attn is not None  # decoder blocks are causal, encoder blocks are not
-        x = x + self.attn(self.attn_ln(x), causal=causal, cache=cache, offset=offset, mask=mask)
-        if self.cross_attn is not None:
-            w1 = w2 = None
-            if details is not None:
-                w1, w2 = [], []
-            h = self.cross_attn_ln(x)
-            a = self.cross_attn(h, xa, kv=cross_kv[0] if cross_kv else None, weights=w1)
-            if self.dual and (not cross_kv or len(cross_kv) > 1):
-                b = self.cross_attn2(self.cross_attn2_ln(x), xa, kv=cross_kv[1] if cross_kv else None, weights=w2)
-                g = torch.tanh(self.gate(torch.cat([h, a, b], dim=-1)))  # (B, T, 1)
-                a = a + g * (b - a)
-            elif self.dual:  # a closed gate: the secondary branch was skipped
-                g = torch.zeros_like(a[..., :1])
-            if details is not None:
-                details.append({"cross_attn": w1[0], "cross_attn2": w2[0] if w2 else None,
-                                "gate": g[..., 0] if self.dual else None})
-            x = x + a
-        if torch.is_grad_enabled():
-            return x + self.mlp(self.mlp_ln(x))
-        # without autograd, the MLP's activation and the residual in place (x is this block's own
-        # by now): an encoder window on a CPU then reuses its memory instead of faulting in about
-        # 17,000 fresh pages with glibc's default malloc, 7% of its time (the same numbers)
-        up, _, down = self.mlp
-        x += down(torch.ops.aten.gelu_(up(self.mlp_ln(x))))
-        return x
-
-
-class AudioEncoder(nn.Module):
-    compact_front = None  # whether front() may cut a window's silent end: checked against the full convolutions at first use
-
-    def __init__(self, n_mels, n_ctx, n_state, n_head, n_layer):
-        super().__init__()
-        self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
-        self.conv2 = Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
-        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
-        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
-        self.ln_post = LayerNorm(n_state)
-        self.checkpointing = False
-
-    def forward(self, mel):
-        """mel: (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
-        if mel.device.type == "cpu" and mel.shape[0] > 1:
-            return self.windows_on_cores(mel)
-        x = self.front(mel)
-        x = x.permute(0, 2, 1).contiguous()  # (B, T, C) in that order in memory, or every later op copies
-        if x.shape[1] > self.positional_embedding.shape[0]:
-            raise ValueError(f"audio of {x.shape[1]} positions is longer than the encoder's {self.positional_embedding.shape[0]}")
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        for block in self.blocks:
-            if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return self.ln_post(x)
-
-    def front(self, mel, margin=8, keep=512):
-        """The convolutions and their GELUs: (B, n_mels, 2 * n_ctx) -> (B, n_state, n_ctx).
-
-        A window that ends in silence (the padding of audio shorter than 30 s) has log-mel frames
-        that are all one value from some frame on, and every output column of the convolutions
-        whose inputs lie in that run is one and the same column. So on a CPU, for one window whose
-        run is long, the run is cut out of the input but for `margin` frames on each side (an even
-        count removed, for conv2's stride 2), the convolutions run on what is left, and the cut
-        columns are put back as copies of a column from inside the run: the same numbers, bit for
-        bit, at the cost of the clip's frames (at least `keep`) instead of 3,000: 7 ms instead of 42
-        a window of a 3-second clip on one core. oneDNN sums narrower inputs in another order (on
-        this project's CPU, under 384 frames), so the first such window of a process is also
-        computed in full and compared, and if any bit differs on this CPU the cut is not used."""
-        B, _, W = mel.shape
-        compact = None
-        if (mel.device.type == "cpu" and B == 1 and not torch.compiler.is_compiling() and AudioEncoder.compact_front is not False
-                and not (torch.is_grad_enabled() and (mel.requires_grad or self.conv1.weight.requires_grad or self.conv2.weight.requires_grad))):
-            varies = (mel[0] != mel[0, :, -1:]).any(dim=0)  # (W,): frames that differ from the last one
-            run = W - (int(varies.nonzero().max()) + 1 if varies.any() else 0)  # length of the constant run at the end
-            start = (W - run + margin + 1) // 2 * 2  # the cut's first frame, even
-            cut = min(W - margin - start, W - keep) // 2 * 2  # oneDNN computes narrower inputs in another order
-            if cut >= 64:
-                x = F.gelu(self.conv1(torch.cat([mel[..., :start], mel[..., start + cut:]], dim=-1)))
-                x = F.gelu(self.conv2(x))  # the full output but for its columns [start/2, (start+cut)/2)
-                at = start // 2  # column at - 1 reads frames of the run only, as do the cut ones
-                compact = torch.cat([x[..., :at], x[..., at - 1:at].expand(-1, -1, cut // 2), x[..., at:]], dim=-1)
-                if AudioEncoder.compact_front:
-                    return compact
-        x = F.gelu(self.conv2(F.gelu(self.conv1(mel))))
-        if compact is not None:  # the first cut of a process: bit for bit on this CPU's kernels too?
-            AudioEncoder.compact_front = torch.equal(compact, x)
-        return x
-
-    def windows_on_cores(self, mel):
-        """The encoder of several windows on a CPU: one window at a time, so that its activations
-        stay in cache (16 at once: 1.4x slower a window); and where nothing needs gradients or
-        autocast (inference, a frozen encoder), the windows shared among threads with one core
-        each, since one window's attention uses two cores poorly (1.55x one core's speed). The
-        numbers are the same either way. For 8 windows on this project's 2-core CPU: 2.94 s
-        against 3.16 s at the median of 10 interleaved runs."""
-        threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()  # which would break the graph
-        n = min(threads, mel.shape[0])
-        busy = torch.is_grad_enabled() and (mel.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if n < 2 or busy or torch.is_autocast_enabled("cpu"):
-            return torch.cat([self(m[None]) for m in mel])
-
-        def run(part):  # a new thread starts with gradients on: not wanted here
-            with torch.no_grad():
-                return torch.cat([self(m[None]) for m in part])
-        torch.set_num_threads(1)  # the threads take it from here (the count is per process for MKL)
-        try:
-            return torch.cat(list(_thread_pool(n).map(run, mel.tensor_split(n))))
-        finally:
-            torch.set_num_threads(threads)
-
-
-_POOLS = {}  # thread count -> pool
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the pools' threads
-
-
-def _thread_pool(n):
-    """A pool of n threads for work split by core, kept for the process's life."""
-    if n not in _POOLS:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="dualwhisper")
-    return _POOLS[n]
-
-
-class TextDecoder(nn.Module):
-    half_products = False  # while decoding on a CPU (_half_precision_products): project with the embedding's half-precision copy
-    _tied = None  # from hidden(tied=True) to project: the _TiedGradient of one forward
-
-    def __init__(self, n_vocab, n_ctx, n_state, n_head, n_layer, dual):
-        super().__init__()
-        self.token_embedding = nn.Embedding(n_vocab, n_state, _weight=torch.empty(n_vocab, n_state))  # initialised below
-        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
-        if not self.positional_embedding.is_meta:  # load_model builds on the meta device, where normal_ imports torch._dynamo (2 s)
-            nn.init.normal_(self.token_embedding.weight)  # nn.Embedding's own initialisation
-            nn.init.normal_(self.positional_embedding, std=0.01)
-        self.blocks = nn.ModuleList(
-            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, dual=dual) for _ in range(n_layer)])
-        self.ln = LayerNorm(n_state)
-        self.checkpointing = False
-
-    def forward(self, tokens, xa=None, cache=None, offset=0, details=None):
-        """tokens: (B, T) at positions offset..offset+T; xa: audio features (B, S, C), or None when
-        `cache` holds the cross-attention keys and values. Returns float32 logits (B, T, n_vocab)."""
-        return self.project(self.hidden(tokens, xa, cache, offset, details, tied=True))
-
-    def hidden(self, tokens, xa=None, cache=None, offset=0, details=None, tied=False):
-        """The final normalised states (B, T, C), before the output projection (decoding projects
-        only the positions it needs). When `cache.pad` gives each row's count of left padding
-        slots, a row's positions start after its padding, which no real token attends to.
-        tied: the output projection of these states follows, as the next call of `project`, so the
-        embedding's dense gradient comes from it and the lookup's few rows are added to it
-        (_TiedGradient on a CPU, sparsely elsewhere), instead of as a second (n_vocab, C) tensor."""
-        T = tokens.shape[-1]
-        pos, mask = self.positional_embedding[offset:offset + T], None
-        if cache is not None and cache.pad is not None:
-            slots = torch.arange(offset, offset + T, device=tokens.device)
-            pos = self.positional_embedding[(slots - cache.pad[:, None]).clamp(0, len(self.positional_embedding) - 1)]  # (B, T, C)
-            keys = torch.arange(offset + T, device=tokens.device)
-            mask = (keys <= slots[:, None]) & ((keys >= cache.pad[:, None, None]) | (keys == slots[:, None]))  # (B, T, S)
-            mask = mask[:, None]  # a padding slot sees only itself
-        w = self.token_embedding.weight
-        if tied and _TiedGradient.applies(w):
-            self._tied = _TiedGradient(self.__dict__.setdefault("_tied_buffer", {}))
-            x = _TiedLookup.apply(w, tokens, self._tied) + pos
-        else:
-            x = F.embedding(tokens, w, sparse=tied and not torch.compiler.is_compiling()) + pos
-        if xa is not None:
-            x = x.to(xa.dtype)
-        elif cache is not None:
-            x = x.to(cache.dtype)
-        for i, block in enumerate(self.blocks):
-            kw = dict(cross_kv=cache.cross[i] if cache else None, cache=cache.self_kv[i] if cache else None,
-                      offset=offset, details=details, mask=mask)
-            if self.checkpointing and self.training and cache is None and details is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, xa, use_reentrant=False)
-            else:
-                x = block(x, xa, **kw)
-        return self.ln(x)
-
-    def project(self, x):
-        """Float32 logits (..., n_vocab) of final states x (..., C): the output is tied to the embedding."""
-        if (not torch.compiler.is_compiling() and self.half_products and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled()):
-            packed = self.half_embedding()
-            if packed:
-                return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, p) for p in packed], dim=-1)
-        tied, w = self._tied, self.token_embedding.weight  # tied: the lookup's half of a tied gradient (hidden), if any
-        if tied is not None:  # (never under torch.compile, which would trace this assignment)
-            self._tied = None
-            if torch.is_grad_enabled() and x.dtype == w.dtype:
-                return _TiedProjection.apply(x.reshape(-1, x.shape[-1]), w, tied).view(*x.shape[:-1], len(w))
-        w = w.to(x.dtype)
-        if x.device.type != "cpu" or torch.is_grad_enabled():
-            return (x @ w.t()).float()
-        return _vocab_product(x.reshape(-1, x.shape[-1]), w).float().view(*x.shape[:-1], len(w))
-
-    def half_embedding(self):
-        """The embedding as fbgemm's half-precision copy (`_half_copy`), in slices of 16,384 tokens,
-        or []. A decoding step on a CPU reads the whole embedding, which is most of its memory
-        traffic: tiny.en's logits take 2.5 ms a step instead of 6 to 9. Packed once per version of
-        the weight, in threads (a slice packs 3x faster than the whole): about 0.26 s for tiny.en
-        on 2 cores."""
-        return _half_copy(self, self.token_embedding.weight, slices=16384)
-
-
-def _vocab_product(rows, w):
-    """rows (N, C) @ w.T on a CPU, w the (V, C) embedding: for a few rows, as a batch of products over
-    1024-token slices of the vocabulary, which streams the 80 MB weight (tiny.en) about twice as fast
-    as one product does, for one row and for several (81 rows: 35 ms against 80)."""
-    (V, C), chunk, N = w.shape, 1024, rows.shape[0]
-    n = V // chunk
-    if N > 256 or n < 2:
-        return rows @ w.t()
-    out = torch.empty(N, V, dtype=rows.dtype)
-    head = w[:n * chunk].view(n, chunk, C).transpose(1, 2)  # (n, C, chunk)
-    out[:, :n * chunk].view(N, n, chunk).copy_(torch.bmm(rows.expand(n, N, C), head).transpose(0, 1))
-    out[:, n * chunk:] = rows @ w[n * chunk:].t()
-    return out
-
-
-class _TiedGradient:
-    """The tied embedding's gradient in training on a CPU, made whole in one tensor. The output
-    projection's backward (_TiedProjection) leaves its dense (V, C) gradient here, and the lookup's
-    backward (_TiedLookup), which autograd runs after it, adds its few rows in place and hands the
-    sum to the weight: one gradient reaches it. As two (a dense one and the lookup's sparse one),
-    autograd summed them into a third 80 MB tensor (tiny.en), 37 ms a step, most of it faulting
-    in fresh pages. The dense gradient is written into a buffer kept from step to step when no
-    one holds it any more (the optimiser's zero_grad has let go of it): a fresh 80 MB took 79 ms
-    to fill, a warm one 35 ms."""
-
-    def __init__(self, buffers):
-        self.buffers, self.grad = buffers, None
-
-    @staticmethod
-    def applies(w):
-        return (w.requires_grad and torch.is_grad_enabled() and w.device.type == "cpu" and w.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-
-    def buffer(self, w):
-        """The kept buffer for w's gradient if no tensor but it uses its memory, else a new one."""
-        buf, users = self.buffers.get("grad", (None, None))
-        if buf is None or buf.shape != w.shape or _storage_users(buf) != users:
-            buf = torch.empty_like(w, memory_format=torch.contiguous_format)
-            self.buffers["grad"] = (buf, _storage_users(buf))
-        return buf
-
-
-def _storage_users(t):
-    try:
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-    except (AttributeError, RuntimeError):  # not in this torch: never reuse
-        return object()
-
-
-class _TiedProjection(torch.autograd.Function):
-    """Logits rows (N, C) @ w.T of the tied weight w, float32 on a CPU; w's gradient goes to the
-    _TiedGradient, not to w."""
-
-    @staticmethod
-    def forward(ctx, rows, w, tied):
-        ctx.save_for_backward(rows, w)
-        ctx.tied = tied
-        return _vocab_product(rows, w)
-
-    @staticmethod
-    def backward(ctx, g):
-        rows, w = ctx.saved_tensors
-        ctx.tied.grad = torch.mm(g.t(), rows, out=ctx.tied.buffer(w))  # (V, C)
-        return (g @ w if ctx.needs_input_grad[0] else None), None, None
-
-
-class _TiedLookup(torch.autograd.Function):
-    """The embedding lookup w[tokens] whose gradient is the _TiedGradient's dense one plus its rows."""
-
-    @staticmethod
-    def forward(ctx, w, tokens, tied):
-        ctx.save_for_backward(tokens)
-        ctx.tied, ctx.shape = tied, w.shape
-        return F.embedding(tokens, w)
-
-    @staticmethod
-    def backward(ctx, g):
-        tokens, = ctx.saved_tensors
-        grad, ctx.tied.grad = ctx.tied.grad, None
-        if grad is None:  # the projection was not part of the loss
-            grad = g.new_zeros(ctx.shape)
-        grad.index_add_(0, tokens.reshape(-1), g.reshape(-1, g.shape[-1]))
-        return grad.view(ctx.shape), None, None  # a view: autograd then takes it as the weight's .grad, without a copy
-
-
-def _half_copy(owner, weight, bias=None, slices=None):
-    """fbgemm's packed half-precision copy of a float32 CPU weight (with its float32 bias), as a list
-    of packs of `slices` rows each, when every value of the weight is a half-precision number, as
-    in official checkpoints (OpenAI released them in float16), and fbgemm is there (x86 CPUs); else
-    []. fbgemm multiplies float32 rows by such a weight in float32: the products and sums of the
-    float32 weight, in another order, from half the bytes. Cached on `owner`.
-
-    The copy is keyed on the weight's storage and version, and on 64 of its values (and the
-    bias's) spread over it: a fused optimiser step (torch's fused AdamW) changes every value
-    without bumping the version, and a stale copy would then give the products of the weights
-    before it."""
-    w = weight.detach()
-    try:
-        version = w._version
-    except RuntimeError:  # an inference tensor has no version counter, and cannot change outside inference mode
-        version = None
-    sample = w.reshape(-1)[::max(1, w.numel() // 64)]
-    if bias is not None:
-        sample = torch.cat([sample, bias.detach().reshape(-1)[::max(1, bias.numel() // 64)]])
-    key, cached = (w.data_ptr(), version), owner.__dict__.get("_half_key")
-    if cached is None or cached[0] != key or not torch.equal(cached[1], sample):
-        packed = []
-        if w.device.type == "cpu" and w.dtype == torch.float32 and torch.equal(w.half().float(), w):
-            b = None if bias is None else bias.detach().float()
-            pieces = [(w, b)] if slices is None else [(part, None if b is None else b[i:i + slices])
-                                                       for i, part in zip(range(0, len(w), slices), w.split(slices))]
-            pack = lambda piece: torch.ops.quantized.linear_prepack_fp16(*piece)
-            try:
-                packed = list(_thread_pool(torch.get_num_threads()).map(pack, pieces)) if len(pieces) > 1 else [pack(pieces[0])]
-            except (RuntimeError, AttributeError):  # no fbgemm: no half-precision product
-                packed = []
-        owner._half_key, owner._half = (key, sample.clone()), packed
-    return owner._half
-
-
-class KVCache:
-    """The decoder's explicit cache for one batch of audio windows: per layer, self-attention keys
-    and values in preallocated (B, H, n_ctx, D) tensors written at their positions, and the
-    cross-attention keys and values of both branches, computed once from the audio features.
-
-    The cross-attention tensors are never copied once made (a fresh copy of 16 windows' costs
-    about 40 ms a layer on a CPU, most of it faulting in new memory): a cache for some of the
-    windows (`rows`; rows that finish leaving a batch, `reorder`) keeps the list of its windows
-    and attends to them through views, one per run of adjacent windows (`cross`). The
-    self-attention slots start empty, not zeroed: a query reads only the positions up to its own,
-    all written by then."""
-
-    def __init__(self, model, audio_features, n_ctx=None):
-        dec = model.decoder
-        n_ctx = n_ctx or model.dims.n_text_ctx
-        B, _, C = audio_features.shape
-        H = model.dims.n_text_head
-        self.dtype = audio_features.dtype
-        self.full = [block.cross_kv(audio_features) for block in dec.blocks]  # per layer, per branch: (k, v) of all windows
-        self.windows = list(range(B))  # the window in `full` of each group of rows
-        self.cross = self.full
-        shape = (B, H, n_ctx, C // H)
-        self.self_kv = [(audio_features.new_empty(shape), audio_features.new_empty(shape)) for _ in dec.blocks]
-        self.pad = None  # (B,) left padding slots per row, when rows hold prompts of different lengths
-
-    def _select(self, windows):
-        """Point `cross` at `windows` of `full`: per layer and branch, (k, v) as views of `full`,
-        or lists of views (one per run of adjacent windows) that attention takes piece by piece."""
-        self.windows = list(windows)
-        runs = []  # [start, length]
-        for w in self.windows:
-            if runs and runs[-1][0] + runs[-1][1] == w:
-                runs[-1][1] += 1
-            else:
-                runs.append([w, 1])
-
-        def view(t):
-            pieces = [t.narrow(0, a, n) for a, n in runs]
-            return pieces[0] if len(pieces) == 1 else pieces
-        self.cross = [[(view(k), view(v)) for k, v in kvs] for kvs in self.full]
-
-    def reorder(self, index, cross=True):
-        """Keep batch rows `index`: beams (cross=False: the windows stay, shared by their beams), or
-        finished rows leaving a batch of one row per window (cross=True, `index` ascending; the
-        rows move up in place, without new memory)."""
-        if not cross:
-            self.self_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.self_kv]
-        else:
-            keep = index.tolist()
-            for k, v in self.self_kv:
-                for j, i in enumerate(keep):
-                    if i != j:
-                        k[j].copy_(k[i])
-                        v[j].copy_(v[i])
-            self.self_kv = [(k[:len(keep)], v[:len(keep)]) for k, v in self.self_kv]
-            self._select([self.windows[i] for i in keep])
-        if self.pad is not None:
-            self.pad = self.pad[index]
-
-    def rows(self, index, n_ctx, group=1):
-        """A new cache for windows `index` of this one, each decoded as `group` consecutive rows
-        (beams or samples): the windows' cross-attention keys and values, computed once and shared
-        by their rows, and empty self-attention slots for n_ctx positions."""
-        new = copy.copy(self)
-        index = [int(i) for i in index]
-        if index != list(range(len(self.windows))):
-            new._select([self.windows[i] for i in index])
-        k = self.self_kv[0][0]
-        shape = (len(index) * group, k.shape[1], n_ctx, k.shape[3])
-        new.self_kv = [(k.new_empty(shape), k.new_empty(shape)) for _ in self.self_kv]
-        new.pad = None
-        return new
-
-
-class Whisper(nn.Module):
-    def __init__(self, dims: ModelDimensions):
-        super().__init__()
-        self.dims = dims
-        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
-        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer, dims.dual)
-        self.source_dir = None  # folder with tokenizer and generation files, set by load_model
-        self.generation_config = {}
-
-    def embed_audio(self, mel):
-        return self.encoder(mel)
-
-    def logits(self, tokens, audio_features):
-        return self.decoder(tokens, audio_features)
-
-    def forward(self, mel, tokens, targets=None, reduction="mean"):
-        """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab); with targets (B, T),
-        where -100 marks positions to ignore, the cross-entropy instead: its mean over the target
-        tokens, or with reduction="sum" their sum (train.py divides by the global batch's count)."""
-        if targets is None:
-            return self.decoder(tokens, self.encoder(mel))
-        h = self.decoder.hidden(tokens, self.encoder(mel), tied=True)
-        if torch.compiler.is_compiling():  # a fixed shape: no graph break
-            return F.cross_entropy(self.decoder.project(h).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
-        # logits at the target positions only: the same loss and gradients without the prompt's and
-        # the padding's share of the largest product (a third of the demo batches' positions)
-        keep = targets != -100
-        return F.cross_entropy(self.decoder.project(h[keep]), targets[keep], reduction=reduction)
-
-    def analyse(self, mel, tokens):
-        """Logits plus, per decoder layer, the gate values (B, T) and both branches' cross-attention
-        weights (B, H, T, S): for plots and analysis."""
-        details = []
-        logits = self.decoder(tokens, self.encoder(mel), details=details)
-        return logits, details
-
-    @property
-    def is_multilingual(self):
-        return self.dims.is_multilingual
-
-    @property
-    def num_languages(self):
-        return self.dims.num_languages
-
-    def dual_parameter_names(self):
-        """Names of the new parameters (second cross-attention branch, its norm, the gate)."""
-        return [n for n, _ in self.named_parameters() if is_dual_parameter(n)]
-
-    def gradient_checkpointing(self, enabled=True):
-        self.encoder.checkpointing = self.decoder.checkpointing = enabled
-
-
-def is_dual_parameter(name):
-    return any(part in name.split(".") for part in ("cross_attn2", "cross_attn2_ln", "gate"))
-
-
 # -----------------------------------------------------------------------------
 # loading and saving
 
@@ -1188,7 +890,7 @@ def _read_safetensors(folder):
     return state
 
 
-def _remap(state, table, source):
+def remap(state, table, source):
     """Rename official tensors to ours through `table`, checking that every tensor is known and
     used exactly once."""
     unknown = [k for k in state if k not in table and k != HF_TIED_OUTPUT]
@@ -1205,7 +907,7 @@ def _remap(state, table, source):
     return out
 
 
-def _resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file", needs="model.safetensors and config.json"):
+def resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file", needs="model.safetensors and config.json"):
     """A local folder for a model name, hub id or path; downloads only `allow_patterns`, the files a
     model needs. `what` was looked for and a local folder `needs` those files, for the errors."""
     path = Path(os.path.expanduser(str(name_or_path)))
@@ -1232,11 +934,11 @@ def _resolve(name_or_path, allow_patterns=HUB_FILES, what="model folder or file"
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(
-            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); pass a local folder with "
-            f"{needs} instead, e.g. --model ../shared/models/whisper-tiny.en") from None
+            f"cannot download {name} from the Hugging Face Hub ({reason[:160]}); give a local folder with "
+            f"{needs} instead, e.g. ../shared/models/whisper-tiny.en") from None
 
 
-def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True):
+def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=True, gate=None, branch2=None):
     """Load Whisper weights into our model.
 
     `name_or_path`: an official name ("tiny.en", "small", "large-v3", "turbo"), a Hugging Face hub
@@ -1244,8 +946,10 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
     config.json, generation and tokenizer files), OpenAI's original .pt checkpoint, or a folder
     saved by `save_model` (a fine-tuned dual model). Official weights leave the new dual-attention
     parameters freshly initialised (so the model computes exactly what Whisper computes);
-    dual=False builds plain single-attention Whisper."""
-    path = _resolve(name_or_path)
+    dual=False builds plain single-attention Whisper. gate and branch2 choose the fusion and the
+    second branch's start for official weights (ModelDimensions); a saved model keeps its own."""
+    variant = {k: v for k, v in (("gate", gate), ("branch2", branch2)) if v is not None}
+    path = resolve(name_or_path)
     if path.is_file() and path.suffix == ".pt":
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1253,7 +957,7 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
         if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
             raise ValueError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
-        dims = ModelDimensions(**ckpt["dims"], dual=dual)
+        dims = ModelDimensions(**ckpt["dims"], dual=dual, **variant)
         state = dict(ckpt["model_state_dict"])
         state.setdefault("encoder.positional_embedding", sinusoids(dims.n_audio_ctx, dims.n_audio_state))
         source_dir = path.parent
@@ -1268,23 +972,26 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
         state = _read_safetensors(path)
         if cfg.get("model_type") == "dualwhisper":  # one of ours: our names already
             dims = ModelDimensions.from_dict(cfg["dims"])
+            odd = {k: v for k, v in variant.items() if dims.dual and dual and getattr(dims, k) != v}
+            if odd:
+                raise ValueError(f"{path} is a saved model with gate={dims.gate!r}, branch2={dims.branch2!r}; it cannot load as {odd}")
             if not dual and dims.dual:
                 state = {k: v for k, v in state.items() if not is_dual_parameter(k)}
             dims.dual = dims.dual and dual
-            expected = set(_empty_model(dims).state_dict())
+            expected = set(empty_model(dims).state_dict())
             if set(state) != expected:
                 odd = sorted(set(state) ^ expected)
                 raise ValueError(f"{path} does not match its config: tensor {odd[0]!r} is missing or unexpected")
         elif cfg.get("model_type") == "whisper":
-            dims = ModelDimensions.from_hf_config(cfg, dual=dual)
-            state = _remap(state, hf_key_map(dims), path)
+            dims = ModelDimensions.from_hf_config(cfg, dual=dual, **variant)
+            state = remap(state, hf_key_map(dims), path)
         else:
             raise ValueError(f"{cfg_path} describes a {cfg.get('model_type')!r} model, not Whisper")
         source_dir = path
     else:
         raise ValueError(f"{path} is neither a checkpoint folder nor a .pt file")
 
-    model = _empty_model(dims)
+    model = empty_model(dims)
     expected = model.state_dict()
     for k, v in state.items():
         if expected[k].shape != v.shape:
@@ -1293,20 +1000,22 @@ def load_model(name_or_path="tiny.en", device="cpu", dtype=torch.float32, dual=T
     assert not result.unexpected_keys, result.unexpected_keys
     left = [k for k in result.missing_keys if not is_dual_parameter(k)]
     assert not left, f"not loaded: {left}"
-    for block in model.decoder.blocks:  # the new parts, still on the meta device: initialise them
-        if block.dual and any(p.is_meta for p in block.gate.parameters()):
-            for m in (block.cross_attn2, block.cross_attn2_ln, block.gate):
-                for sub in m.modules():  # as Module.to_empty(device="cpu") would, without its import of sympy (0.8 s)
-                    for name, p in list(sub.named_parameters(recurse=False)):
+    for block in model.decoder.blocks:  # the new parts, not in the file, are still on the meta device
+        if block.dual and block.cross_attn2.query.weight.is_meta:
+            for sub in block.modules():
+                for name, p in list(sub.named_parameters(recurse=False)):
+                    if p.is_meta:
                         setattr(sub, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype)))
             block.reset_dual_parameters()
+            if dims.branch2 == "copy":
+                block.copy_primary_branch()
     model = model.to(device=device, dtype=dtype)
     model.source_dir = source_dir
     model.generation_config = _read_json(source_dir / "generation_config.json")
     return model.eval()
 
 
-def _empty_model(dims):
+def empty_model(dims):
     with torch.device("meta"):
         return Whisper(dims)
 
@@ -1320,6 +1029,14 @@ def _read_json(path):
 
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "added_tokens.json",
                    "special_tokens_map.json", "normalizer.json", "generation_config.json", "preprocessor_config.json"]
+
+
+def plain_mode(folder=False):
+    """The mode that open() gives a new file (mkdir a new folder) under this process's umask, for
+    files made under temporary names, which tempfile creates private (0600, 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def save_model(model, folder, extra=None):
@@ -1337,8 +1054,10 @@ def save_model(model, folder, extra=None):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
+        tmp.chmod(plain_mode(folder=True))
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "model.safetensors").chmod(plain_mode())  # safetensors creates it 0600
         cfg = {"model_type": "dualwhisper", "dims": asdict(model.dims), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if model.source_dir is not None and Path(model.source_dir).resolve() != folder.resolve():
@@ -1725,7 +1444,7 @@ def detect_language(model, mel_or_cache, tokenizer=None):
     B = base.self_kv[0][0].shape[0]
     cache = base.rows(list(range(B)), 1)
     dev = cache.self_kv[0][0].device
-    logits = model.decoder.project(model.decoder.hidden(torch.full((B, 1), tokenizer.sot, device=dev), cache=cache)[:, -1])
+    logits = model.decoder.project(model.decoder.hidden(torch.full((B, 1), tokenizer.sot, device=dev), kv_cache=cache)[:, -1])
     language_tokens = torch.tensor(tokenizer.all_language_tokens, device=dev)
     probs = logits[:, language_tokens].softmax(dim=-1).cpu()  # (B, n_languages)
     codes = [tokenizer.language_codes[i] for i in probs.argmax(dim=-1).tolist()]
@@ -1765,44 +1484,14 @@ def _timestamp_rules(logits, sampled, tokenizer, max_initial):
     logits[:, :tb].masked_fill_(prefer_ts[:, None], -math.inf)
 
 
-def _half_precision_products(decode):
-    """Decoding on a CPU in float32, from a model's second decode in a process on: the output
-    product reads the embedding's half-precision copy (`TextDecoder.half_embedding`), and the
-    decoder's linear layers multiply a step's one row by theirs, looked up at a layer's first
-    one-row product of each decode (a decode does not change the weights); outside a decode,
-    never. Decoding jfk.flac with the layers' copies: 258 ms against 289 ms at the best of 20
-    interleaved runs, 290 against 319 at the median. Making tiny.en's copies takes about 0.35 s,
-    more than one short file's decode saves (a one-shot `python sample.py jfk.flac` was 0.1 to
-    0.5 s slower with them), so a model's first decode goes without."""
-    @wraps(decode)
-    def run(model, *args, **kwargs):
-        dec = model.decoder
-        if not dec.__dict__.get("_decoded"):
-            dec._decoded = True
-            return decode(model, *args, **kwargs)
-        linears = [m for m in dec.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-        for m in linears:
-            m.half_copy = True
-        dec.half_products = True
-        try:
-            return decode(model, *args, **kwargs)
-        finally:
-            dec.half_products = False
-            for m in linears:
-                m.half_copy = None
-    return run
-
-
-@_half_precision_products
 @torch.inference_mode()
-def _decode(model, tokenizer, base, rows, options, languages, prompts=None, initial=None, gates=False):
+def decode_windows(model, tokenizer, base, rows, options, languages, prompts=None, initial=None, gates=False):
     """Decode windows `rows` of `base`, a KVCache that holds the cross-attention keys and values of a
     batch of windows, so that temperature fallback decodes again without the encoder. Each row has
     its language and its prompt (previous-text tokens); rows with prompts of different lengths are
     left-padded. gates: add each token's gate value (dual models). Returns one DecodingResult per row.
-    In inference mode, which spares each of a step's few hundred small torch calls some bookkeeping:
-    5% off decoding jfk.flac (best and median of 16 interleaved runs), the same numbers; no
-    tensor made here leaves it."""
+    In inference mode, which spares each of a step's few hundred small torch calls some
+    bookkeeping; no tensor made here leaves it."""
     o = options
     B = len(rows)
     n_ctx = model.dims.n_text_ctx
@@ -1852,7 +1541,7 @@ def _decode(model, tokenizer, base, rows, options, languages, prompts=None, init
     beam = o.beam_size is not None
     x, offset = tokens, 0
     for step in range(sample_len):
-        h = model.decoder.hidden(x, cache=cache, offset=offset)
+        h = model.decoder.hidden(x, kv_cache=cache, offset=offset)
         offset += x.shape[1]
         if step == 0:  # the no-speech probability: at <|startoftranscript|>, projected with the last position
             logits = model.decoder.project(torch.cat([h[:, -1], h[torch.arange(N, device=dev), sot_index.repeat_interleave(G)]]))
@@ -1965,11 +1654,11 @@ def _add_gates(model, base, rows, sequences, starts, results):
     every attention map)."""
     dev = base.self_kv[0][0].device
     for row, seq, start, r in zip(rows, sequences, starts, results):
-        if all(len(kv) == 1 for kv in base.full):  # closed gates (official weights): no secondary branch
+        if all(layer[1] is None for layer in base.cross):  # closed gates (official weights): no secondary branch
             r.gates = [0.0] * len(r.tokens)
             continue
         details = []
-        model.decoder.hidden(torch.tensor([seq], device=dev), cache=base.rows([row], len(seq)), details=details)
+        model.decoder.hidden(torch.tensor([seq], device=dev), kv_cache=base.rows([row], len(seq)), details=details)
         gates = torch.stack([d["gate"][0] for d in details]).float().mean(dim=0).tolist()  # (T,)
         r.gates = gates[start - 1:start - 1 + len(r.tokens)]
 
@@ -1991,7 +1680,7 @@ def decode(model, mel, options=DecodingOptions(), tokenizer=None, **kwargs):
         languages, language_probs = detect_language(model, base, tokenizer)
     else:
         languages = [tokenizer.to_language_code(options.language) if options.language else "en"] * B
-    results = _decode(model, tokenizer, base, list(range(B)), options, languages, gates=True)
+    results = decode_windows(model, tokenizer, base, list(range(B)), options, languages, gates=True)
     for r, p in zip(results, language_probs):
         r.language_probs = p
     return results[0] if single else results
@@ -2006,7 +1695,7 @@ def greedy_decode(model, mel, tokenizer, prompt=None, max_tokens=None):
     prompt = prompt or tokenizer.sot_sequence() + [tokenizer.no_timestamps]
     options = DecodingOptions(without_timestamps=True, sample_len=max_tokens)
     base = KVCache(model, encode_audio(model, mel), 1)
-    results = _decode(model, tokenizer, base, list(range(B)), options, [tokenizer.language or "en"] * B, initial=[list(prompt)] * B)
+    results = decode_windows(model, tokenizer, base, list(range(B)), options, [tokenizer.language or "en"] * B, initial=[list(prompt)] * B)
     return [r.tokens for r in results]
 
 
@@ -2231,7 +1920,7 @@ def _transcribing(model, audios, batch_size, verbose, tries, compression_ratio_t
             results = [None] * len(active)
             todo = list(range(len(active)))
             for options in tries:
-                out = _decode(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
+                out = decode_windows(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
                 again = []
                 for j, r in zip(todo, out):
                     results[j] = r
@@ -2265,74 +1954,148 @@ def format_timestamp(seconds, always_include_hours=False, decimal_marker="."):
 
 
 # -----------------------------------------------------------------------------
-# text normalisation for word error rates: Whisper-style, so that "Mr. Smith said twenty-five
-# percent!" and "mister smith said 25%" count as the same words
-
-_FILLERS = {"uh", "um", "uhm", "umm", "er", "erm", "ah", "eh", "hmm", "hm", "mm", "mmm", "mhm", "huh"}
-_CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"),
-                 (r"\blet's\b", "let us"), (r"\bain't\b", "is not"), (r"\bgonna\b", "going to"),
-                 (r"\bwanna\b", "want to"), (r"\bgotta\b", "got to"), (r"n't\b", " not"), (r"'re\b", " are"),
-                 (r"'ll\b", " will"), (r"'ve\b", " have"), (r"'m\b", " am"), (r"'d\b", " would")]
-_TITLES = {"mr": "mister", "mrs": "missus", "ms": "miss", "dr": "doctor", "prof": "professor", "st": "saint",
-           "jr": "junior", "sr": "senior", "vs": "versus"}
-_SMALL = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                                     "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
-_SMALL.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)})
-_SCALES = {"thousand": 10 ** 3, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12}
+# text normalisation for word error rates
 
 
-def _spoken_numbers(words):
-    """Spelled-out cardinals to digits: "two hundred and five" -> "205", "one two" -> "1 2"."""
-    out, total, part, active = [], 0, 0, False
+@lru_cache(maxsize=None)
+def _text_normalizer(english):
+    if english:
+        from whisper_normalizer.english import EnglishTextNormalizer
 
-    def flush():
-        nonlocal total, part, active
-        if active:
-            out.append(str(total + part))
-        total, part, active = 0, 0, False
+        return EnglishTextNormalizer()
+    from whisper_normalizer.basic import BasicTextNormalizer
 
-    for i, w in enumerate(words):
-        nxt = words[i + 1] if i + 1 < len(words) else ""
-        if w in _SMALL:
-            v = _SMALL[w]
-            fits = part % 100 == 0 or (part % 100 >= 20 and part % 10 == 0 and v < 10)
-            if active and not (fits and (part or total)):
-                flush()
-            part, active = part + v, True
-        elif w == "hundred" and active and part % 100:
-            part = part * 100
-        elif w in _SCALES and active and total % (_SCALES[w] * 1000) == 0:  # larger scales first
-            total, part = total + part * _SCALES[w], 0
-        elif w == "and" and active and (nxt in _SMALL):
-            continue
-        else:
-            flush()
-            out.append(w)
-    flush()
-    return out
+    return BasicTextNormalizer()
 
 
 def normalize_text(text, english=True):
-    """Lower case, no punctuation, bracketed asides and fillers removed, contractions expanded,
-    spelled numbers as digits (English); for other languages only case, brackets and
-    punctuation, with letters and their diacritics kept."""
-    import re
-    import unicodedata
+    """Text as Whisper's own evaluations compare it, so that word error rates compare with
+    published ones: openai-whisper's EnglishTextNormalizer (case, punctuation, fillers, contractions,
+    titles, British spellings, spoken numbers and currencies as digits), or for other languages its
+    BasicTextNormalizer (case, bracketed asides and symbols; letters and their diacritics kept).
+    They come from the whisper-normalizer package, which carries openai-whisper's normalisers
+    without the rest of it."""
+    return " ".join(_text_normalizer(bool(english))(text).split())
 
-    s = text.lower().replace("\u2019", "'").replace("\u2018", "'")
-    s = re.sub(r"[<\[][^>\]]*[>\]]|\([^)]*\)", " ", s)  # [music], <unk>, (laughs)
-    if not english:
-        s = "".join(" " if unicodedata.category(c)[0] in "PSC" else c for c in unicodedata.normalize("NFC", s))
-        return " ".join(s.split())
-    s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    for pattern, replacement in _CONTRACTIONS:
-        s = re.sub(pattern, replacement, s)
-    s = re.sub(r"(\d),(?=\d{3}\b)", r"\1", s)  # 1,000 -> 1000
-    s = re.sub(r"(\d)\.(?=\d)", r"\1<point>", s)  # keep decimal points
-    s = re.sub(r"\bper cent\b", "percent", s.replace("%", " percent "))
-    s = re.sub(r"[^a-z0-9<>' ]+", " ", s.replace("-", " ").replace("&", " and ")).replace("'", "")
-    words = [_TITLES.get(w, w) for w in s.split() if w not in _FILLERS]
-    s = " ".join(_spoken_numbers(words)).replace("<point>", ".")
-    s = re.sub(r"\b(\d+) point ((?:\d )*\d)\b", lambda m: m[1] + "." + m[2].replace(" ", ""), s)
-    s = re.sub(r"\b([\d.]+) percent\b", r"\1%", s)
-    return " ".join(s.split())
+
+ERROR_COUNTS = ("word_errors", "words", "char_errors", "chars")
+
+
+def error_counts(refs, hyps, languages=None):
+    """Word and character errors of transcripts against references, both normalised with
+    normalize_text (English rules where a clip's language is English or unknown): a dict of
+    ERROR_COUNTS summed over the clips, so that shares of a set (ranks, batches) add up. A
+    reference with no words has no error rate and is left out; "clips" counts the others."""
+    import jiwer
+
+    out = dict.fromkeys(ERROR_COUNTS, 0)
+    out["clips"] = 0
+    for i, (ref, hyp) in enumerate(zip(refs, hyps)):
+        english = languages is None or languages[i] in (None, "en")
+        ref, hyp = normalize_text(ref or "", english), normalize_text(hyp or "", english)
+        if not ref:
+            continue
+        w, c = jiwer.process_words(ref, hyp), jiwer.process_characters(ref, hyp)
+        out["word_errors"] += w.substitutions + w.deletions + w.insertions
+        out["words"] += w.hits + w.substitutions + w.deletions
+        out["char_errors"] += c.substitutions + c.deletions + c.insertions
+        out["chars"] += c.hits + c.substitutions + c.deletions
+        out["clips"] += 1
+    return out
+
+
+def error_rates(counts):
+    """(WER, CER) of summed error_counts; nan for a set without words."""
+    wer = counts["word_errors"] / counts["words"] if counts["words"] else float("nan")
+    cer = counts["char_errors"] / counts["chars"] if counts["chars"] else float("nan")
+    return wer, cer
+
+
+# -----------------------------------------------------------------------------
+# the scripts' command lines
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default after its text, unless the text gives it already or
+    there is none to give (None, False, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default is None or default is False or default in ([], "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+# -----------------------------------------------------------------------------
+# devices
+
+
+def usable_device(name):
+    """torch.device(name) if this machine can run on it, else a ValueError that says why."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: expected cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: " + ("this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"))
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name}: MPS is not available here")
+    return device
+
+
+# -----------------------------------------------------------------------------
+# optional, x86 CPUs only: decoding with half-precision copies of the decoder's weights.
+# A decoding step multiplies one row per window by every decoder weight and by the whole
+# embedding (the logits), so its cost on a CPU is reading those weights from memory. Official
+# checkpoints were released in float16, so their float32 weights are float16 numbers: fbgemm
+# multiplies float32 rows by a packed float16 copy in float32, the same products from half the
+# bytes (summed in another order: the last bits of the logits may differ). This section swaps
+# modules in with one call and can be deleted with that call (sample.py, bench.py).
+
+
+class HalfPackedLinear(Linear):
+    """A Linear whose products without autograd use fbgemm's float16 copy of its weight; with
+    autograd (training) it is the plain Linear. The parameters are the original module's."""
+
+    @classmethod
+    def wrap(cls, linear):
+        new = cls.__new__(cls)
+        new.__dict__ = dict(linear.__dict__)
+        new.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+        return new
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or x.dtype != torch.float32:
+            return super().forward(x)
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+def use_half_precision_decoding(model, slices=16384):
+    """Swap the decoder's Linear layers of a float32 model on an x86 CPU for HalfPackedLinear, and
+    its output projection for products with float16 copies of the embedding (in slices of tokens),
+    where the weights are float16 numbers (official checkpoints; the new branch of a dual model
+    and fine-tuned weights are not, and keep their float32 products). For inference: weights
+    changed afterwards are not seen. Returns the number of weights swapped (0 without fbgemm)."""
+    dec = model.decoder
+    exact = lambda w: w.device.type == "cpu" and w.dtype == torch.float32 and torch.equal(w.detach().half().float(), w.detach())
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return 0
+    swapped = 0
+    for module in list(dec.modules()):
+        for name, child in module.named_children():
+            if type(child) is Linear and exact(child.weight):
+                setattr(module, name, HalfPackedLinear.wrap(child))
+                swapped += 1
+    if exact(dec.token_embedding.weight):
+        packs = [torch.ops.quantized.linear_prepack_fp16(part, None) for part in dec.token_embedding.weight.detach().split(slices)]
+
+        def project(x):  # the logits (..., n_vocab), as TextDecoder.project gives them
+            if torch.is_grad_enabled():
+                return TextDecoder.project(dec, x)
+            return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x.float(), p) for p in packs], dim=-1)
+        dec.project = project
+        swapped += 1
+    return swapped

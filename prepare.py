@@ -337,7 +337,7 @@ def resolve_tokenizer(name):
     name or a hub id, found the way dualwhisper.load_model finds them but fetching the tokenizer files
     only."""
     try:
-        path = dw._resolve(name, dw.TOKENIZER_FILES + ["config.json"], what="tokenizer folder", needs="vocab.json")
+        path = dw.resolve(name, dw.TOKENIZER_FILES + ["config.json"], what="tokenizer folder", needs="vocab.json")
     except FileNotFoundError as e:
         raise PrepareError(f"{e} (pass a model or tokenizer folder, an official name such as tiny.en, or a hub id)") from None
     except ConnectionError as e:
@@ -429,7 +429,7 @@ def _sha1_of_file(path):
     return h.hexdigest()
 
 
-def _audio_files(folder):
+def audio_files(folder):
     out = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -440,10 +440,13 @@ def _audio_files(folder):
 class LocalSource:
     """A folder of audio files with a manifest (a JSON list, JSON lines, CSV or TSV with columns path,
     text and optionally language and id; paths relative to the manifest), or a .txt transcript beside
-    each audio file. `path` is the folder or the manifest itself."""
+    each audio file. `path` is the folder or the manifest itself; `audio_dir`, when given, is the
+    folder that the manifest's paths are relative to instead."""
 
-    def __init__(self, path):
+    def __init__(self, path, audio_dir=None):
         path = Path(path).expanduser()
+        if audio_dir is not None and not Path(audio_dir).expanduser().is_dir():
+            raise PrepareError(f"audio folder not found: {audio_dir}")
         if path.is_dir():
             manifests = sorted(p for p in path.iterdir() if p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file())
             if len(manifests) > 1:
@@ -456,14 +459,18 @@ class LocalSource:
             self.manifest, self.root = path, path.parent
         else:
             raise PrepareError(f"input not found: {path}")
+        if audio_dir is not None:
+            self.root = Path(audio_dir).expanduser()
         self.has_language = False
         if self.manifest is not None:
             self.description = str(self.manifest)
             self.signature = {"manifest": str(self.manifest.resolve()), "sha1": _sha1_of_file(self.manifest)}
+            if audio_dir is not None:
+                self.signature["audio_dir"] = str(self.root.resolve())
             self.columns = self._columns()
             self.has_language = self.columns["language"] is not None
         else:
-            self.files = _audio_files(self.root)
+            self.files = audio_files(self.root)
             if not self.files:
                 raise PrepareError(f"{self.root} holds no audio files ({', '.join(AUDIO_SUFFIXES)}) and no manifest")
             self.description = f"{self.root} (.txt beside each audio file)"
@@ -668,7 +675,7 @@ class NoiseSource:
         self.root = Path(folder).expanduser()
         if not self.root.is_dir():
             raise PrepareError(f"noise folder not found: {self.root}")
-        self.files = _audio_files(self.root)
+        self.files = audio_files(self.root)
         if not self.files:
             raise PrepareError(f"{self.root} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
         self.description = str(self.root)
@@ -910,6 +917,7 @@ def prepare_noise(out, folder, workers=2, restart=False, checkpoint_every=5.0, l
 # the demo: a small spoken corpus synthesised with espeak-ng, and a noise bank
 
 
+DEMO_TEXTS = Path(__file__).resolve().parent / "demo"  # sentences.{language}.txt, written for this project
 DEMO_VOICES = {"en": ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"], "az": ["az"]}
 DEMO_VAL_FRACTION = 0.1
 DEMO_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
@@ -925,7 +933,8 @@ def make_demo_source(folder, languages, n_sentences=None, val_fraction=0.1, work
     rows, todo = [], []
     for lang in languages:
         (folder / lang).mkdir(parents=True, exist_ok=True)
-        for i, text in enumerate(DEMO_SENTENCES[lang][:n_sentences]):
+        sentences = (DEMO_TEXTS / f"sentences.{lang}.txt").read_text(encoding="utf-8").splitlines()
+        for i, text in enumerate(sentences[:n_sentences]):
             rng = random.Random(f"{lang}-{i}")
             voice = f"{rng.choice(DEMO_VOICES[lang])}+{rng.choice(DEMO_VARIANTS)}"
             uid, rel = f"{lang}-{i:03d}", f"{lang}/{lang}-{i:03d}.wav"
@@ -989,10 +998,12 @@ def make_demo_noise(folder, speech_files, seconds=40, seed=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
     src = parser.add_argument_group("sources (one speech source, and/or --noise_dir)")
-    src.add_argument("--input", help="a folder of audio files with one manifest (JSON list, JSON lines, CSV, TSV: path, text, "
+    src.add_argument("--input", "--audio_dir", dest="input", help="a folder of audio files with one manifest (JSON list, JSON lines, CSV, TSV: path, text, "
                                      "optional language, id) or a .txt transcript beside each file; or the manifest itself")
+    src.add_argument("--transcripts", metavar="MANIFEST", help="the manifest to read, when it is not in the --input folder: "
+                                                               "its paths are relative to that folder")
     src.add_argument("--hf_dataset", help="a Hugging Face dataset id (e.g. LocalDoc/azerbaijani_asr) or a local folder of its parquet shards")
     src.add_argument("--hf_split", default="train", help="which shards: those whose path names this split")
     src.add_argument("--hf_audio_column", default="audio", help="column of encoded audio ({bytes, path} structs or bytes)")
@@ -1004,12 +1015,13 @@ def main(argv=None):
     src.add_argument("--demo", action="store_true", help="synthesise a small English (and, with a multilingual --model, Azerbaijani) "
                                                          "corpus and noise bank with espeak-ng and prepare them (default --out data/demo)")
     src.add_argument("--demo_sentences", type=int, default=None, help="speak only the first N demo sentences of each language")
-    parser.add_argument("--out", help="output folder")
+    parser.add_argument("--out", "--output_dir", dest="out", help="output folder")
     parser.add_argument("--model", "--tokenizer", dest="model", default=DEFAULT_MODEL,
                         help="the model whose tokenizer to use: a folder, an official name (tiny.en, small) or a hub id")
     parser.add_argument("--language", default=None, help="language of every clip without its own (code or name, e.g. az); "
                                                          "English for an English-only tokenizer")
-    parser.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    parser.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
+                        help="the task token of every clip (translate: its transcript is English, whatever it speaks)")
     parser.add_argument("--val_fraction", type=float, default=None, help="fraction of utterance ids for validation, chosen by hash "
                                                                           f"(default 0.02; {DEMO_VAL_FRACTION} for --demo)")
     parser.add_argument("--max_seconds", type=float, default=dw.CHUNK_LENGTH, help="drop clips longer than this")
@@ -1019,9 +1031,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        if sum(map(bool, (args.input, args.hf_dataset, args.demo))) > 1:
+        if sum(map(bool, (args.input or args.transcripts, args.hf_dataset, args.demo))) > 1:
             raise PrepareError("give one speech source: --input, --hf_dataset or --demo")
-        if not (args.input or args.hf_dataset or args.demo or args.noise_dir):
+        if args.transcripts and not Path(args.transcripts).is_file():
+            raise PrepareError(f"--transcripts {args.transcripts}: no such file")
+        if not (args.input or args.transcripts or args.hf_dataset or args.demo or args.noise_dir):
             raise PrepareError("nothing to prepare: give --input, --hf_dataset, --noise_dir or --demo (see --help)")
         out = args.out or ("data/demo" if args.demo else None)
         if out is None:
@@ -1039,10 +1053,12 @@ def main(argv=None):
             prepare_speech(out, LocalSource(manifest), **speech, **common)
             prepare_noise(out, args.noise_dir or noise, **common)
         else:
-            if args.input or args.hf_dataset:
-                source = LocalSource(args.input) if args.input else ParquetSource(
-                    args.hf_dataset, args.hf_split, args.hf_audio_column, args.hf_text_column, args.hf_id_column,
-                    args.hf_language_column, args.hf_revision)
+            if args.input or args.transcripts or args.hf_dataset:
+                if args.hf_dataset:
+                    source = ParquetSource(args.hf_dataset, args.hf_split, args.hf_audio_column, args.hf_text_column,
+                                           args.hf_id_column, args.hf_language_column, args.hf_revision)
+                else:  # --transcripts: a manifest kept apart from the audio folder
+                    source = LocalSource(args.transcripts or args.input, audio_dir=args.input if args.transcripts else None)
                 prepare_speech(out, source, **speech, **common)
             if args.noise_dir:
                 prepare_noise(out, args.noise_dir, **common)
@@ -1057,214 +1073,6 @@ def main(argv=None):
         print(f"prepare.py: error: {e}; fix it and run the same command again to go on from the last save", file=sys.stderr)
         return 1
     return 0
-
-
-# -----------------------------------------------------------------------------
-# the demo sentences (written for this project)
-
-DEMO_SENTENCES = {"en": """\
-The weather is warm and sunny today.
-Please close the window before you leave.
-My brother works at a small bakery downtown.
-We are going to the museum on Saturday.
-She reads the newspaper every morning with her coffee.
-The train to the city leaves at seven thirty.
-Can you help me carry these boxes upstairs?
-The children played football in the park until dark.
-I forgot my umbrella at the office yesterday.
-This soup needs a little more salt and pepper.
-The library closes early on Sundays.
-He planted tomatoes and beans in the garden.
-Our neighbours have a very friendly black dog.
-Turn left at the next traffic light.
-The meeting has been moved to Thursday afternoon.
-She speaks three languages fluently.
-We watched an old movie about a sailor and his ship.
-The river flows slowly through the green valley.
-Do you know where the nearest pharmacy is?
-I would like a cup of tea with lemon, please.
-The price of bread went up again this month.
-My grandmother tells wonderful stories about her childhood.
-The bus was crowded, so we decided to walk.
-They built a new bridge across the river last year.
-Please write your name at the top of the page.
-The concert starts at eight o'clock in the evening.
-He fixed the bicycle with a few simple tools.
-Snow covered the mountains during the night.
-We need to buy milk, eggs and some fresh fruit.
-The doctor said I should rest for a few days.
-A small bird was singing outside my window.
-The students finished their exams on Friday.
-It takes about twenty minutes to get to the airport.
-She painted the kitchen a bright shade of yellow.
-The shop on the corner sells fresh flowers.
-I can hear the sound of the sea from here.
-Our flight was delayed because of the storm.
-He always wakes up before the sun rises.
-The team celebrated their victory with a big dinner.
-Could you speak a little more slowly, please?
-The old castle stands on top of the hill.
-My phone battery is almost empty.
-We planted an apple tree in the back yard.
-The teacher explained the problem very clearly.
-There are seven days in a week and twelve months in a year.
-The cat is sleeping on the warm windowsill.
-Let's meet in front of the cinema at six.
-The farmer sells vegetables at the market every week.
-I have never seen such a beautiful sunset.
-The kettle is boiling, so the tea will be ready soon.
-He lost his keys somewhere in the garden.
-Reading before bed helps me relax.
-The new road will connect the two villages.
-Please turn off the lights when you leave the room.
-The museum has a large collection of old coins.
-We spent the whole afternoon walking along the beach.
-The baby laughed when the dog licked her hand.
-Fresh water is important for every living thing.
-The wind was so strong that it broke a branch.
-I usually cook dinner for my family on weekends.
-The hotel room had a view of the harbour.
-My friend sent me a letter from Canada.
-The engineer checked every part of the machine.
-Winter evenings are long and quiet in the village.
-She found an old photograph in the drawer.
-The clock on the wall is ten minutes fast.
-We should leave early to avoid the traffic.
-The orchestra played a piece by a famous composer.
-He drinks a glass of water after his morning run.
-The market is busy on Saturday mornings.
-The pilot announced that we would land soon.
-I borrowed two books from the library.
-The garden looks lovely after the rain.
-They are painting the fence around the school.
-My uncle grows grapes and makes his own juice.
-The post office is next to the bank.
-Please remember to water the plants on Monday.
-The fishermen returned with a large catch.
-A cold wind blew from the north all day.
-She learned to play the piano when she was six.
-The bakery opens at six in the morning.
-We counted the stars from the roof of the house.
-The mechanic said the car needs new tyres.
-Honey is made by bees from the nectar of flowers.
-The streets were empty on the holiday morning.
-He wrote the answer on the blackboard.
-Our team meets every Tuesday to plan the week.
-The lake freezes in the middle of winter.
-I prefer green tea to black coffee.
-The museum guide spoke about the history of the city.
-A loud noise woke everyone in the building.
-She packed sandwiches and apples for the trip.
-The road to the village is narrow and steep.
-They moved to a bigger apartment last spring.
-Please send me the report by the end of the day.
-The moon was bright and full last night.
-My sister is studying medicine at the university.
-The waiter brought us two bowls of hot soup.
-The computer restarted after the update.
-Thank you very much for your kind help.
-""".splitlines(), "az": """\
-Bu gün hava isti və günəşlidir.
-Zəhmət olmasa, pəncərəni bağlayın.
-Qardaşım şəhərin mərkəzində kiçik bir çörəkxanada işləyir.
-Şənbə günü muzeyə gedəcəyik.
-O, hər səhər qəhvə içərək qəzet oxuyur.
-Şəhərə gedən qatar saat yeddi otuzda yola düşür.
-Bu qutuları yuxarı qaldırmağa kömək edə bilərsən?
-Uşaqlar qaranlıq düşənə qədər parkda futbol oynadılar.
-Dünən çətirimi ofisdə unutdum.
-Bu şorbaya bir az da duz və istiot lazımdır.
-Kitabxana bazar günləri tez bağlanır.
-O, bağda pomidor və lobya əkdi.
-Qonşularımızın çox mehriban qara bir iti var.
-Növbəti işıqforda sola dönün.
-İclas cümə axşamı günortadan sonraya keçirildi.
-O, üç dildə sərbəst danışır.
-Bakı Azərbaycanın paytaxtıdır.
-Xəzər dənizi dünyanın ən böyük gölüdür.
-Ən yaxın aptek haradadır, bilirsinizmi?
-Mənə limonlu bir stəkan çay verin, zəhmət olmasa.
-Bu ay çörəyin qiyməti yenə qalxdı.
-Nənəm uşaqlığı haqqında gözəl hekayələr danışır.
-Avtobus dolu idi, ona görə piyada getməyə qərar verdik.
-Keçən il çayın üzərində yeni körpü tikdilər.
-Adınızı səhifənin yuxarısında yazın.
-Konsert axşam saat səkkizdə başlayır.
-O, velosipedi bir neçə sadə alətlə təmir etdi.
-Gecə dağları qar örtdü.
-Süd, yumurta və bir az təzə meyvə almalıyıq.
-Həkim dedi ki, bir neçə gün dincəlməliyəm.
-Pəncərəmin qarşısında kiçik bir quş oxuyurdu.
-Tələbələr imtahanlarını cümə günü bitirdilər.
-Hava limanına getmək təxminən iyirmi dəqiqə çəkir.
-O, mətbəxi parlaq sarı rəngə boyadı.
-Tindəki mağaza təzə gül satır.
-Buradan dənizin səsini eşidirəm.
-Fırtına səbəbindən uçuşumuz gecikdi.
-O, həmişə günəş çıxmamış oyanır.
-Komanda qələbəsini böyük bir şam yeməyi ilə qeyd etdi.
-Bir az yavaş danışa bilərsinizmi?
-Köhnə qala təpənin başında dayanır.
-Telefonumun batareyası demək olar ki, bitib.
-Həyətdə bir alma ağacı əkdik.
-Müəllim məsələni çox aydın izah etdi.
-Həftədə yeddi gün, ildə on iki ay var.
-Pişik isti pəncərə kənarında yatır.
-Saat altıda kinoteatrın qarşısında görüşək.
-Fermer hər həftə bazarda tərəvəz satır.
-Mən heç vaxt belə gözəl gün batımı görməmişəm.
-Çaynik qaynayır, çay tezliklə hazır olacaq.
-O, açarlarını bağda harasa itirdi.
-Yatmazdan əvvəl kitab oxumaq məni sakitləşdirir.
-Yeni yol iki kəndi birləşdirəcək.
-Otaqdan çıxanda işıqları söndürün.
-Muzeydə köhnə sikkələrin böyük kolleksiyası var.
-Bütün günortanı sahil boyu gəzməklə keçirdik.
-İt körpənin əlini yalayanda o güldü.
-Təmiz su hər bir canlı üçün vacibdir.
-Külək o qədər güclü idi ki, budağı qırdı.
-Həftə sonları ailəm üçün şam yeməyi bişirirəm.
-Otel otağından limanın mənzərəsi görünürdü.
-Dostum mənə Kanadadan məktub göndərdi.
-Mühəndis maşının hər hissəsini yoxladı.
-Kənddə qış axşamları uzun və sakit olur.
-O, siyirmədə köhnə bir şəkil tapdı.
-Divardakı saat on dəqiqə qabaqdadır.
-Tıxaca düşməmək üçün tez çıxmalıyıq.
-Orkestr məşhur bir bəstəkarın əsərini ifa etdi.
-O, səhər qaçışından sonra bir stəkan su içir.
-Şənbə səhərləri bazar çox qələbəlik olur.
-Pilot tezliklə enəcəyimizi elan etdi.
-Kitabxanadan iki kitab götürdüm.
-Yağışdan sonra bağ çox gözəl görünür.
-Onlar məktəbin ətrafındakı hasarı rəngləyirlər.
-Əmim üzüm becərir və özü şirə hazırlayır.
-Poçt bankın yanındadır.
-Bazar ertəsi gülləri sulamağı unutma.
-Balıqçılar böyük ovla qayıtdılar.
-Bütün gün şimaldan soyuq külək əsdi.
-O, altı yaşında pianino çalmağı öyrəndi.
-Çörəkxana səhər saat altıda açılır.
-Evin damından ulduzları saydıq.
-Usta dedi ki, maşına yeni təkərlər lazımdır.
-Bal arılar tərəfindən çiçəklərin nektarından hazırlanır.
-Bayram səhəri küçələr boş idi.
-O, cavabı lövhəyə yazdı.
-Komandamız həftəni planlaşdırmaq üçün hər çərşənbə axşamı görüşür.
-Göl qışın ortasında donur.
-Mən qara qəhvədən çox yaşıl çayı xoşlayıram.
-Muzey bələdçisi şəhərin tarixindən danışdı.
-Güclü səs binadakı hamını oyatdı.
-O, səfər üçün buterbrod və alma qablaşdırdı.
-Kəndə gedən yol dar və sıldırımdır.
-Onlar keçən yaz daha böyük mənzilə köçdülər.
-Zəhmət olmasa, hesabatı gün sonuna qədər göndərin.
-Dünən gecə ay parlaq və bütöv idi.
-Bacım universitetdə tibb təhsili alır.
-Ofisiant bizə iki kasa isti şorba gətirdi.
-Kompüter yenilənmədən sonra yenidən başladı.
-Köməyiniz üçün çox sağ olun.
-""".splitlines()}
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def write_atomic(path, text):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, dw.plain_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -119,9 +120,9 @@ class _Clips:
 
 
 def noise_bank(folder):
-    from prepare import AUDIO_SUFFIXES, _audio_files
+    from prepare import AUDIO_SUFFIXES, audio_files
 
-    files = _audio_files(folder)  # the order of prepare.py --noise_dir
+    files = audio_files(folder)  # the order of prepare.py --noise_dir
     recordings = [a for a in (dw.load_audio(Path(folder) / f) for f in files) if len(a)]  # an empty one would add nothing
     if not recordings:
         raise ValueError(f"--noise {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) with samples in that folder")
@@ -129,8 +130,6 @@ def noise_bank(folder):
 
 
 def evaluate(model, args, options):
-    import jiwer
-
     clips, refs, languages = read_eval_set(args.eval, args.split)
     if args.limit:
         refs, languages = refs[:args.limit], languages[:args.limit]
@@ -167,11 +166,9 @@ def evaluate(model, args, options):
             if isinstance(result, Exception):
                 raise ValueError(f"clip {i} of {args.eval}: {result}")
             hyps[i] = result["text"]
-        pairs = [(dw.normalize_text(r, english), dw.normalize_text(h, english)) for r, h in zip(refs, hyps)]
-        pairs = [(r, h) for r, h in pairs if r]  # a reference with no words has no error rate
-        wer = jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else float("nan")
-        cer = jiwer.cer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else float("nan")
-        print(f"{name:<24} {len(pairs):>6} {100 * wer:>7.2f}% {100 * cer:>7.2f}% {time.time() - t0:>8.1f}", flush=True)
+        counts = dw.error_counts(refs, hyps, languages or [None if english else "other"] * len(refs))
+        wer, cer = dw.error_rates(counts)
+        print(f"{name:<24} {counts['clips']:>6} {100 * wer:>7.2f}% {100 * cer:>7.2f}% {time.time() - t0:>8.1f}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -179,8 +176,8 @@ def evaluate(model, args, options):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("audio", nargs="*", help="audio files to transcribe (anything soundfile reads: wav, flac, ogg, mp3, ...)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
+    p.add_argument("audio", nargs="*", help="audio files to transcribe (wav, flac, ogg, mp3; m4a, mp4, webm and the rest of what ffmpeg reads with PyAV installed)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="official name (tiny.en, small, large-v3, turbo, ...), Hugging Face id, local "
                                                          "checkpoint folder, OpenAI .pt file, or a train.py output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -260,12 +257,13 @@ def load(args):
     model = dw.load_model(args.model, device=args.device, dtype=dtype)
     if args.compile:
         model.decoder.hidden = torch.compile(model.decoder.hidden, dynamic=True)
+    else:
+        dw.use_half_precision_decoding(model)  # x86 CPUs, official weights: half the bytes a decoding step reads
     return model
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dw.tune_cpu_allocator()
     options = decode_options(args)
     formats = list(WRITERS) if args.output_format == "all" else [args.output_format or "txt"] if args.output_format or args.output_dir else []
     out_dir = Path(args.output_dir or ".")

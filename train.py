@@ -48,7 +48,7 @@ class TrainError(Exception):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="a TOML or JSON file of flag values, e.g. max_iters = 5000 (data, never executed); "
                                     "flags given on the command line win")
@@ -75,8 +75,8 @@ def get_parser():
     g.add_argument("--lr_decay_iters", type=int, default=None, help="steps of cosine decay (default max_iters)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay of linear and conv weights (never norms, "
                                                                     "biases, embeddings or gates)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
     g.add_argument("--max_bad_steps", type=int, default=10, help="stop after this many non-finite losses in a row (each is skipped)")
     g = p.add_argument_group("packing: short clips filled into Whisper's 30-second windows, each a timestamped segment")
@@ -630,7 +630,6 @@ def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, ra
 
 
 def main(argv=None):
-    dw.tune_cpu_allocator()
     try:
         return run(resolve(parse_config(argv)))
     except TrainError as e:
@@ -662,9 +661,6 @@ def run(args):
         if latest is not None and not args.resume and not args.eval_only:
             raise TrainError(f"{out_dir} already holds a run ({latest.name}/); pass --resume to continue it, or another --out_dir")
         config = {k: v for k, v in vars(args).items() if k not in ("config",)}
-        if master:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            print("config:", json.dumps(config), flush=True)
 
         # ---- data
         train_split = PreparedSplit(args.data, "train")
@@ -681,7 +677,10 @@ def run(args):
         # ---- model
         resume = latest if args.resume else None
         torch.manual_seed(args.seed)  # new dual-attention parts are drawn from the seed: the same on every rank
-        model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
+        try:
+            model = dw.load_model(resume or args.init_from, device="cpu", dual=not args.plain)
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            raise TrainError(f"{resume or '--init_from ' + str(args.init_from)}: {e}") from None
         tokenizer = dw.get_tokenizer(model)
         frozen = parse_freeze(args.freeze)
         for name, p in model.named_parameters():
@@ -717,6 +716,9 @@ def run(args):
 
     # ---- optimizer, precision, compile, DDP
     optimizer = configure_optimizer(model, args, device_type)
+    if master:  # the settings, data and model are good: now the run folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print("config:", json.dumps(config), flush=True)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -787,6 +789,8 @@ def run(args):
     def run_eval():
         if len(eval_clips) == 0:
             return {}
+        if master:
+            print(f"eval at step {iter_num}: {len(eval_clips)} clips, {', '.join(conditions)} ...", flush=True)
         results, examples = evaluate(raw_model, tokenizer, val_split, conditions, eval_clips, micro_batch, autocast, rank, world_size, device)
         gates.clear()  # the hooks saw the evaluation's forward passes too
         line = " | ".join(f"{k}: loss {v['loss']:.3f} WER {100 * v['wer']:.1f}% CER {100 * v['cer']:.1f}%" for k, v in results.items())
@@ -805,10 +809,11 @@ def run(args):
 
     # ---- the loop
     model.train()
-    start_iter, t_train, n_timed, clips_timed = iter_num, 0.0, 0, 0
+    start_iter, t_train, n_timed, clips_timed, t_eval = iter_num, 0.0, 0, 0, 0.0
     while True:
         # evaluate and save every eval_interval steps and at the end; not again at the step a run resumed from
         if (iter_num % args.eval_interval == 0 or iter_num == args.max_iters) and not (resume is not None and iter_num == start_iter):
+            t_eval = time.perf_counter()
             results = run_eval()
             improved = False
             if results:
@@ -824,6 +829,7 @@ def run(args):
                 if improved:
                     save("best", results)
                 save("latest", results, rngs)
+            t_eval = time.perf_counter() - t_eval  # the last evaluation and its checkpoints, for the ETA
         if iter_num >= args.max_iters:
             break
 
@@ -901,10 +907,12 @@ def run(args):
             t_train, n_timed, clips_timed = t_train + dt, n_timed + 1, clips_timed + int(step_clips)
         if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
             per_step, clips_per_s = (t_train / n_timed, clips_timed / t_train) if n_timed else (dt, step_clips / dt)
-            eta = per_step * (args.max_iters - iter_num)
+            evals_left = args.max_iters // args.eval_interval - (iter_num - 1) // args.eval_interval + int(args.max_iters % args.eval_interval > 0)
+            eta = per_step * (args.max_iters - iter_num) + t_eval * evals_left
             record = {"event": "train", "iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                       "gate": gate_value if gates else None, "gate_abs": gate_abs if gates else None,
-                      "samples_per_s": args.batch_size / per_step, "clips_per_s": clips_per_s, "clips_seen": clips_seen, "skipped": bad_total}
+                      "samples_per_s": args.batch_size / per_step, "clips_per_s": clips_per_s, "clips_seen": clips_seen,
+                      "skipped": bad_total, "eta_s": eta}
             log(record, f"step {iter_num}/{args.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}"
                         + (f", gate {gate_value:+.3f} (|g| {gate_abs:.3f})" if gates else "")
                         + (f", {args.batch_size / per_step:.2f} windows/s ({clips_per_s:.2f} clips/s)" if args.pack

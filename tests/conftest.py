@@ -73,7 +73,7 @@ def openai_whisper_from(tiny_en_plain):
     whisper = need("whisper")
 
     def build(plain):
-        dims = {k: v for k, v in vars(plain.dims).items() if k != "dual"}
+        dims = {k: v for k, v in vars(plain.dims).items() if k in whisper.model.ModelDimensions.__dataclass_fields__}
         ref = whisper.model.Whisper(whisper.model.ModelDimensions(**dims))
         ref.load_state_dict(plain.state_dict())
         return ref.eval()

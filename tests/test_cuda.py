@@ -1,5 +1,5 @@
-"""The accelerator paths, on a CUDA GPU where there is one (CI has none, so these skip there; set
-DUALWHISPER_TEST_DEVICE=cpu to walk them on the CPU). Transcription on the GPU against
+"""The accelerator paths, on a CUDA GPU where there is one (CI has none, so these skip there: on
+a CPU the comparisons against the CPU's numbers would compare the CPU with itself). Transcription on the GPU against
 openai-whisper on the same GPU and against our CPU numbers; float16, bfloat16 and the compiled
 decoder through sample.py; batching; GPU memory over long audio. train.py on the GPU: autocast
 with and without a GradScaler, torch.compile, fused AdamW, NCCL under torchrun; log-mel on the
@@ -21,15 +21,14 @@ from test_train import abs_diff, corpus, quick, records, run_train, tiny_model, 
 
 import dualwhisper as dw
 
-DEVICE = torch.device(os.environ.get("DUALWHISPER_TEST_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
+DEVICE = torch.device("cuda")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 SR = dw.SAMPLE_RATE
 GREEDY, BEAM5 = dict(temperature=0.0), dict(temperature=0.0, beam_size=5)
 
 
 def sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+    torch.cuda.synchronize(DEVICE)
 
 
 @pytest.fixture(scope="module")

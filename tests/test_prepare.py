@@ -563,3 +563,30 @@ def test_demo_is_spoken_english_and_azerbaijani(tmp_path, tiny_en, tiny_en_dir, 
     assert {v[1] for v in got.values()} == {"en", "az"}
     for text, lang, samples, tokens in got.values():
         assert tokens == whisper_tokens(text, True, lang) and np.abs(samples).max() > 3000
+
+
+def test_original_projects_spellings(corpus, parquet_dataset, tmp_path, tiny_en_dir, multilingual_tokenizer_dir, capsys):
+    """A user of the original project's prepare_data.py changes only the script's name: its flags
+    --hf_dataset, --hf_split, --hf_audio_column, --hf_text_column, --language, --output_dir, and
+    --audio_dir with --transcripts, give what ours give."""
+    hf = ["--hf_split", "train", "--hf_audio_column", "audio", "--hf_text_column", "text", "--val_fraction", 0]
+    ours = tmp_path / "ours"
+    assert run("--hf_dataset", parquet_dataset.folder, *hf, "--out", ours, "--model", multilingual_tokenizer_dir, "--language", "az") == 0
+    theirs = tmp_path / "theirs"
+    assert run("--hf_dataset", parquet_dataset.folder, *hf, "--output_dir", theirs, "--model", multilingual_tokenizer_dir,
+               "--language", "az") == 0
+    assert split_bytes(theirs) == split_bytes(ours) and len(contents(theirs, "train")) == 7
+    # a manifest kept apart from the audio: its paths are relative to --audio_dir
+    apart = tmp_path / "lists"
+    apart.mkdir()
+    transcripts = write_manifest(apart, "csv", corpus.rows)
+    assert run("--input", write_manifest(corpus.folder, "jsonl", corpus.rows), "--out", tmp_path / "a", "--model", tiny_en_dir) == 0
+    assert run("--audio_dir", corpus.folder, "--transcripts", transcripts, "--output_dir", tmp_path / "b", "--model", tiny_en_dir) == 0
+    assert split_bytes(tmp_path / "b") == split_bytes(tmp_path / "a")
+    capsys.readouterr()
+    assert run("--audio_dir", corpus.folder, "--transcripts", apart / "missing.csv", "--output_dir", tmp_path / "c") == 2
+    assert "--transcripts" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    # a non-English --language with the default English-only tokenizer: the error names the fix
+    assert run("--hf_dataset", parquet_dataset.folder, *hf, "--output_dir", tmp_path / "d", "--language", "az") == 2
+    err = capsys.readouterr().err
+    assert "English-only" in err and "multilingual --model" in err and len(err.strip().splitlines()) == 1

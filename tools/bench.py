@@ -1,29 +1,23 @@
 """
-bench.py: timings against baselines measured in the same run, printed as ratios.
+tools/bench.py: timings against baselines measured in the same run, printed as ratios.
 
-  python bench.py transcribe   sample.py's transcription vs openai-whisper (and faster-whisper /
+  python tools/bench.py transcribe   sample.py's transcription vs openai-whisper (and faster-whisper /
                                transformers where installed)
-  python bench.py train        training clips/s vs transformers' Whisper in the same loop, and packed
-                               windows (train.py --pack) vs padded clips
-  python bench.py prepare      hours of audio prepared per minute, and batch read speed
-  python bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
+  python tools/bench.py train        training clips/s vs transformers' Whisper in the same loop, and
+                                     packed windows (train.py --pack) vs padded clips
+  python tools/bench.py prepare      hours of audio prepared per minute, and batch read speed
+  python tools/bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
 """
 
 import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 
 
 def parse_args(p, args):
-    """Parse a subcommand's arguments, with --tuned_allocator added to them."""
-    import dualwhisper as dw
-
-    p.add_argument("--tuned_allocator", action="store_true",
-                   help="glibc's malloc set as sample.py and train.py set it (dualwhisper.tune_cpu_allocator), for both "
-                        "implementations: they share this process")
-    a = p.parse_args(args)
-    if a.tuned_allocator and not dw.tune_cpu_allocator():
-        print("--tuned_allocator: not glibc's malloc, nothing changed")
-    return a
+    return p.parse_args(args)
 
 
 def bench_transcribe(args):
@@ -45,8 +39,8 @@ def bench_transcribe(args):
 
     import dualwhisper as dw
 
-    shared = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parent.parent / "shared"))
-    p = argparse.ArgumentParser(prog="bench.py transcribe", description=bench_transcribe.__doc__)
+    shared = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    p = argparse.ArgumentParser(prog="tools/bench.py transcribe", description=bench_transcribe.__doc__)
     p.add_argument("--model", default=str(shared / "models" / "whisper-tiny.en"), help="a hub-layout checkpoint folder")
     p.add_argument("--audio", default=str(shared / "audio" / "jfk.flac"), help="the one file, and the source of the short clips")
     p.add_argument("--files", type=int, default=40, help="number of short clips (0: the one file only)")
@@ -71,14 +65,19 @@ def bench_transcribe(args):
     options = dict(temperature=0.0, beam_size=a.beam_size)
 
     runners = {}  # name -> (one file, many files)
-    runners["ours"] = (lambda x: dw.transcribe(ours, x, **options)["text"],
-                       lambda xs: [r["text"] for _, r in sorted(dw.transcribe_many(ours, xs, batch_size=a.batch_size, **options))])
-    runners["ours, one file at a time"] = (None, lambda xs: [dw.transcribe(ours, x, **options)["text"] for x in xs])
+    fast = dw.load_model(a.model, device=device)
+    if device.type == "cpu" and dw.use_half_precision_decoding(fast):  # as sample.py does on a CPU
+        runners["ours (sample.py)"] = (lambda x: dw.transcribe(fast, x, **options)["text"],
+                                       lambda xs: [r["text"] for _, r in sorted(dw.transcribe_many(fast, xs, batch_size=a.batch_size, **options))])
+    name = "ours, float32 products" if runners else "ours"
+    runners[name] = (lambda x: dw.transcribe(ours, x, **options)["text"],
+                     lambda xs: [r["text"] for _, r in sorted(dw.transcribe_many(ours, xs, batch_size=a.batch_size, **options))])
+    runners["ours, one file at a time"] = (None, lambda xs: [dw.transcribe(fast, x, **options)["text"] for x in xs])
     try:
         import whisper
 
         plain = dw.load_model(a.model, device=device, dual=False)
-        ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k != "dual"}))
+        ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k in whisper.model.ModelDimensions.__dataclass_fields__}))
         ref.load_state_dict(plain.state_dict())
         ref = ref.to(device).eval()
         one = lambda x: whisper.transcribe(ref, x, fp16=False, **options)["text"]
@@ -119,7 +118,7 @@ def bench_transcribe(args):
         pass
 
     print(f"transcribe: {Path(a.model).name}, float32 on {device}, {torch.get_num_threads()} threads, "
-          f"{'beam %d' % a.beam_size if a.beam_size else 'greedy'}, temperature 0, {'tuned' if a.tuned_allocator else 'default'} malloc; best and median of {a.repeat}")
+          f"{'beam %d' % a.beam_size if a.beam_size else 'greedy'}, temperature 0; best and median of {a.repeat}")
     cases = [(f"one file ({Path(a.audio).name}, {len(audio) / dw.SAMPLE_RATE:.1f} s)", 0, audio),
              (f"{a.files} short files ({sum(map(len, clips)) / dw.SAMPLE_RATE:.0f} s in all)", 1, clips)][:2 if a.files else 1]
     for title, which, x in cases:
@@ -161,7 +160,7 @@ def bench_train(args):
     import prepare
     import train
 
-    p = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
+    p = argparse.ArgumentParser(prog="tools/bench.py train", description=bench_train.__doc__)
     p.add_argument("--model", default=train.DEFAULT_MODEL, help="weights both models start from (a hub-layout folder)")
     p.add_argument("--data", default="data/demo", help="a prepared folder (python prepare.py --demo)")
     p.add_argument("--batch_size", type=int, default=8)
@@ -249,7 +248,7 @@ def bench_train(args):
                 counts[name].append(n_clips)
     print(f"training step of {a.model} on {a.data}, batch {a.batch_size} x 30 s (padded: a clip each; packed: "
           f"{sum(counts[packed]) / len(counts[packed]) / a.batch_size:.1f} clips each), {dtype} on {device}"
-          f" ({torch.get_num_threads()} threads, {'tuned' if a.tuned_allocator else 'default'} malloc), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
+          f" ({torch.get_num_threads()} threads), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
     # throughput over all timed steps, and at the best and the median step: this shared 2-core
     # machine's speed drifts by 10-20% from one minute to the next, which the best step (as
     # timeit advises) shows least
@@ -393,7 +392,7 @@ def bench_prepare(args):
     import dualwhisper as dw
     import prepare
 
-    p = argparse.ArgumentParser(prog="bench.py prepare", description=bench_prepare.__doc__)
+    p = argparse.ArgumentParser(prog="tools/bench.py prepare", description=bench_prepare.__doc__)
     p.add_argument("--hours", type=float, default=1.0, help="hours of 16 kHz wav (flac and parquet get a quarter and a half of it)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare.py --workers")
     p.add_argument("--model", default=prepare.DEFAULT_MODEL, help="model for the tokenizer and the training step")
@@ -529,7 +528,7 @@ def bench_mfu(args):
     against the GPU's dense bfloat16 peak, and peak memory, for each --batch_size."""
     import torch
 
-    p = argparse.ArgumentParser(prog="bench.py mfu", description=bench_mfu.__doc__)
+    p = argparse.ArgumentParser(prog="tools/bench.py mfu", description=bench_mfu.__doc__)
     p.add_argument("--batch_size", type=int, nargs="+", default=[16], help="one run per batch size")
     p.add_argument("--tokens", type=int, default=64, help="decoder tokens per clip")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
