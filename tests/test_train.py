@@ -517,7 +517,7 @@ def test_packed_noise_fills_the_window_at_the_snr_of_its_clips(kind, corpus):
     assert changed.any() and not changed[(spans[0][-1][1] + dw.HOP_LENGTH - 1) // dw.HOP_LENGTH + 1:].any(), "SpecAugment up to the last clip"
 
 
-def test_packed_training_resumes_mid_epoch_exactly(tmp_path, tiny_en_dir, tokenizer, jfk_audio, tiny_dir):
+def test_packed_training_resumes_mid_epoch_exactly(tmp_path, tokenizer, jfk_audio, tiny_dir):
     """Stopped after 2 of 6 steps, in the middle of an epoch of windows, and resumed: the same
     losses, gradient norms and weights as the run that went through."""
     clips = [(piece(jfk_audio, (a + 0.05 * (i // 3), b)), text) for i, ((a, b), text) in enumerate(PIECES * 10)]
@@ -527,7 +527,7 @@ def test_packed_training_resumes_mid_epoch_exactly(tmp_path, tiny_en_dir, tokeni
     train_main(quick(data, tiny_dir, tmp_path / "stopped", *flags, "--max_iters", 2))
     state = torch.load(tmp_path / "stopped" / "latest" / "state.pt", weights_only=True)
     packed = train.PackedStream(prepare.PreparedSplit(data, "train"), np.arange(len(clips)), 1337, no_timestamps=tokenizer.no_timestamps)
-    packed[0]
+    packed[0]  # packs epoch 0: counts[0] is its number of windows
     assert state["position"] == 2 < packed.counts[0], "the stop must fall inside the first epoch"
     train_main(quick(data, tiny_dir, tmp_path / "stopped", *flags, "--max_iters", 6, "--resume"))
     whole = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "whole", "train")}
