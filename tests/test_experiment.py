@@ -2,6 +2,7 @@
 the arms of a seed see the same clips and noise, the attention plot, and a tiny run of
 tools/experiment.py from corpus to results. Tiny random models keep it fast."""
 
+import copy
 import csv
 import json
 import shutil
@@ -97,7 +98,7 @@ def test_attention_plot_for_a_dual_and_a_plain_model(tiny_en_dir, tiny_en_plain,
     need("matplotlib")
     import sample
 
-    plain = dw.save_model(tiny_en_plain, tmp_path / "plain")
+    plain = dw.save_model(copy.deepcopy(tiny_en_plain), tmp_path / "plain")  # (save_model points a model at its folder)
     for name, model in (("dual", tiny_en_dir), ("plain", plain)):
         png = tmp_path / f"{name}.png"
         argv = ["--plot", str(png), "--model", str(model), str(jfk_path)] + (["--plot_layer", "1"] if name == "plain" else [])

@@ -86,10 +86,15 @@ def test_gate_and_branch2_variants_exact_at_init_learn_and_load_back(gate, tiny_
         block = model.decoder.blocks[0]
         assert (block.cross_attn2.query.weight == block.cross_attn.query.weight).all() == (branch2 == "copy")
         model(jfk_mel, tokens, targets).backward()
-        gate_grad = sum(p.grad.abs().sum().item() for p in block.gate.parameters())
+        gate_params = [block.gate] if gate == "layer" else list(block.gate.parameters())
+        gate_grad = sum(p.grad.abs().sum().item() for p in gate_params)
         assert (gate_grad > 0) == (branch2 == "fresh"), (gate, branch2, gate_grad)  # a copy: b - a = 0
+        with torch.no_grad():  # decoding skips the second branch exactly while the gate is closed, and gives the same logits
+            cache = dw.KVCache(model, model.encoder(jfk_mel))
+            assert all((layer[1] is None) == (gate != "sigmoid") for layer in cache.cross)
+            assert (model.decoder(tokens, kv_cache=cache) - logits).abs().max() < 1e-4
     with torch.no_grad():
-        for p in block.gate.parameters():
+        for p in gate_params:
             p.add_(0.1)
         logits = model(jfk_mel, tokens)
     dw.save_model(model, tmp_path / "m")
@@ -97,7 +102,7 @@ def test_gate_and_branch2_variants_exact_at_init_learn_and_load_back(gate, tiny_
     assert (back.dims.gate, back.dims.branch2) == (gate, "copy")
     with torch.no_grad():
         assert torch.equal(back(jfk_mel, tokens), logits)
-    with pytest.raises(ValueError, match="trained with gate"):
+    with pytest.raises(ValueError, match="cannot load as"):
         dw.load_model(tmp_path / "m", gate="tanh" if gate != "tanh" else "layer")
 
 
@@ -185,31 +190,3 @@ def test_every_official_size_builds_and_maps_key_for_key(name):
     n_plain = sum(v.numel() for k, v in ours.items() if not dw.is_dual_parameter(k))
     n_hf = sum(v.numel() for k, v in hf_state.items() if k != dw.HF_TIED_OUTPUT)
     assert n_plain == n_hf
-
-
-@pytest.mark.parametrize("gate", dw.GATES)
-@pytest.mark.parametrize("branch2", ["fresh", "copy"])
-def test_every_gate_is_exact_at_init_where_it_should_be(tmp_path, tiny_en_dir, tiny_en_plain, jfk_mel, gate, branch2):
-    """Official weights with each gate and second-branch start: the logits of plain Whisper at step
-    0, except the convex sigmoid mix over a fresh branch, which mixes in the new branch at once."""
-    model = dw.load_model(tiny_en_dir, gate=gate, branch2=branch2)
-    tokens = torch.tensor([TOKENS[:6]])
-    with torch.no_grad():
-        plain = tiny_en_plain(jfk_mel, tokens)
-        logits, details = model.analyse(jfk_mel, tokens)  # every branch computed, none skipped
-    block = model.decoder.blocks[0]
-    copied = torch.equal(block.cross_attn2.query.weight, block.cross_attn.query.weight)
-    assert copied == (branch2 == "copy")
-    if gate == "sigmoid" and branch2 == "fresh":
-        assert (logits - plain).abs().max() > 1e-2
-        assert all(torch.allclose(layer["gate"], torch.full_like(layer["gate"], 0.5)) for layer in details)
-    else:
-        assert (logits - plain).abs().max() < 1e-4
-    assert block.gate_is_closed() == (gate != "sigmoid")
-    with torch.no_grad():  # decoding skips the second branch exactly where the gate is closed
-        cache = dw.KVCache(model, model.encoder(jfk_mel))
-        assert all((layer[1] is None) == block.gate_is_closed() for layer in cache.cross)
-        assert (model.decoder(tokens, kv_cache=cache) - logits).abs().max() < 1e-4
-    back = dw.load_model(dw.save_model(model, tmp_path / "m"))  # saved and loaded back as it is
-    assert (back.dims.gate, back.dims.branch2) == (gate, branch2)
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values()))
