@@ -99,6 +99,8 @@ def get_parser():
                                                               "a repetition loop stops there; test sentences are far shorter")
     p.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (the same audio for every model)")
     p.add_argument("--no_official", action="store_true", help="leave out the official checkpoint's row")
+    p.add_argument("--report", action="store_true", help="train and evaluate nothing: write the results of the seeds and conditions "
+                                                         "evaluated so far (while a run goes on, or after it stopped)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch in every stage (0: torch's default); 1 is far "
                                                           "faster on a CPU that other jobs share, where threads wait for each other")
     return p
@@ -268,6 +270,7 @@ def evaluate_models(args, models, data):
                 out[name]["_params"] = sum(p.numel() for p in model.parameters())
             model, languages, english, options = loaded[name]
             t0 = time.time()
+            torch.manual_seed(args.eval_seed)  # the fallback's sampling: the same draws for every model and condition
             hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
             clips = score(refs, hyps, english)
             out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
@@ -293,7 +296,7 @@ def mean_spread(values):
 
 
 def write_results(args, data, runs, evals, checks, bank_split):
-    keys = [k for k in next(iter(evals.values())) if not k.startswith("_")]
+    keys = [k for k in next(iter(evals.values())) if not k.startswith("_") and all(k in e for e in evals.values())]
     arms = (["official"] if "official" in evals else []) + args.arms
     table = {}
     for arm in arms:
@@ -327,6 +330,11 @@ def write_results(args, data, runs, evals, checks, bank_split):
     return results
 
 
+def kind_mean(row, keys, kind):
+    values = [row[k][0] for k in keys if k.startswith(kind + " ")]
+    return f"{100 * np.mean(values):.1f}" if values else "-"
+
+
 def fmt(ms, scale=100, digits=1):
     m, s = ms
     return "-" if m is None else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
@@ -337,25 +345,23 @@ def markdown(args, results, keys, arms):
     n_clips = results["evaluations"][t[arms[-1]]["runs"][0]]["clean"]["clips"]
     lines = ["# Dual against plain Whisper under noise", "",
              f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
-             f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']} (voices and sentences never in training), bank noise from {results['bank_split']}; "
+             f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}. Capped WER (%): a clip's errors "
              "count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(args.kinds)]
     for arm in arms:
         r = t[arm]
-        per_kind = [np.mean([r["capped_wer"][k][0] for k in keys if k.startswith(kind + " ")]) for kind in args.kinds]
         step = r.get("seconds_per_step")
         lines.append(f"| {arm} | {r['params'] / 1e6:.2f}M | {'-' if step is None else f'{step[0]:.2f}'} | {fmt(r['capped_wer']['clean'])} | "
-                     f"{fmt(r['capped_wer']['noisy mean'])} | " + " | ".join(f"{100 * v:.1f}" for v in per_kind) + " |")
+                     f"{fmt(r['capped_wer']['noisy mean'])} | " + " | ".join(kind_mean(r["capped_wer"], keys, kind) for kind in args.kinds) + " |")
     if results["paired_vs_plain"]:
         lines += ["", "Arm minus plain on the same seed (capped WER points; negative: better than plain):", "",
                   "| arm | noisy mean | seeds better | clean | " + " | ".join(args.kinds) + " |",
                   "|---|---|---|---|" + "---|" * len(args.kinds)]
         for arm, p in results["paired_vs_plain"].items():
-            per_kind = [np.mean([p["per_condition"][k][0] for k in keys if k.startswith(kind + " ")]) for kind in args.kinds]
             lines.append(f"| {arm} | {fmt(p['noisy_mean'])} | {p['seeds_better']}/{p['seeds']} | {fmt(p['per_condition']['clean'])} | "
-                         + " | ".join(f"{100 * v:+.1f}" for v in per_kind) + " |")
+                         + " | ".join(kind_mean(p["per_condition"], keys, kind) for kind in args.kinds) + " |")
     for kind in args.kinds:
         cols = [k for k in keys if k.startswith(kind + " ")]
         if not cols:
@@ -403,6 +409,21 @@ def plot(args, results, keys, arms):
 # -----------------------------------------------------------------------------
 
 
+def report(args):
+    data = Path(args.data) if args.data else args.out / "data"
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "eval").glob("*.json"))}
+    seeds = [s for s in args.seeds if all(f"{arm}-s{s}" in evals for arm in args.arms)]
+    if not seeds:
+        sys.exit(f"experiment.py: error: no seed of {args.out} has every arm evaluated yet")
+    runs = {f"{arm}-s{s}": [json.loads(line) for line in open(args.out / "runs" / f"{arm}-s{s}" / "log.jsonl")] for s in seeds for arm in args.arms}
+    evals = {k: v for k, v in evals.items() if k == "official" or k in runs}
+    args.seeds = seeds
+    results = write_results(args, data, runs, evals, same_data(runs, args, seeds), bank_split_of(data))
+    print((args.out / "results.md").read_text())
+    print(f"{len(results['arms'])} rows over seeds {seeds}; conditions: {', '.join(k for k in evals[f'{args.arms[0]}-s{seeds[0]}'] if not k.startswith('_'))}")
+    return 0
+
+
 def main(argv=None):
     args = resolve(get_parser().parse_args(argv))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +433,8 @@ def main(argv=None):
     t0 = time.time()
     print(f"experiment: {args.out}: arms {args.arms}, seeds {args.seeds}, {args.init_from}, {args.max_iters} steps of {args.batch_size}",
           flush=True)
+    if args.report:
+        return report(args)
     data = make_data(args)
     evals, runs, seeds = {}, {}, args.seeds
     for k, seed in enumerate(seeds):  # seed by seed, the results rewritten after each: a stop leaves the seeds done
