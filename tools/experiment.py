@@ -3,7 +3,7 @@ tools/experiment.py: does dual attention make Whisper robust to noise? Fine-tune
 Whisper from the same checkpoint on the same data, score every arm on a held-out test split under
 noise, and write the results folder.
 
-  python tools/experiment.py --quick                        # tiny.en, English corpus, a 2-core CPU, under an hour idle
+  python tools/experiment.py --quick --threads 1            # tiny.en, English corpus, sized for a 2-core CPU
   python tools/experiment.py --full                         # whisper-base, Azerbaijani corpus, a GPU
   python tools/experiment.py --quick --arms plain,dual,layer,plain_kl,dual_kl --out runs/ablations
   python tools/experiment.py --data data/az --init_from openai/whisper-small --language az --max_iters 5000 --batch_size 32
