@@ -411,12 +411,15 @@ def plot(args, results, keys, arms):
 
 def report(args):
     data = Path(args.data) if args.data else args.out / "data"
-    evals = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "eval").glob("*.json"))}
+    evals_all = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "eval").glob("*.json"))}
+    evals = evals_all
     seeds = [s for s in args.seeds if all(f"{arm}-s{s}" in evals for arm in args.arms)]
     if not seeds:
         sys.exit(f"experiment.py: error: no seed of {args.out} has every arm evaluated yet")
     runs = {f"{arm}-s{s}": [json.loads(line) for line in open(args.out / "runs" / f"{arm}-s{s}" / "log.jsonl")] for s in seeds for arm in args.arms}
-    evals = {k: v for k, v in evals.items() if k == "official" or k in runs}
+    evals = {k: v for k, v in evals.items() if k in runs}
+    if "official" in evals_all and set(evals[f"{args.arms[0]}-s{seeds[0]}"]) <= set(evals_all["official"]):
+        evals = {"official": evals_all["official"], **evals}  # its row, once it has every condition the arms have
     args.seeds = seeds
     results = write_results(args, data, runs, evals, same_data(runs, args, seeds), bank_split_of(data))
     print((args.out / "results.md").read_text())
