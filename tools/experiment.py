@@ -308,7 +308,8 @@ def write_results(args, data, runs, evals, checks, bank_split):
             row["final_gate_abs"] = mean_spread([s["final_gate_abs"] for s in stats])
         for metric in ("capped_wer", "wer"):
             row[metric] = {k: mean_spread([evals[n][k][metric] for n in names]) for k in keys}
-            row[metric]["noisy mean"] = mean_spread([np.mean([evals[n][k][metric] for k in keys if k != "clean"]) for n in names])
+            noisy = [k for k in keys if k != "clean"]
+            row[metric]["noisy mean"] = mean_spread([np.mean([evals[n][k][metric] for k in noisy]) for n in names] if noisy else [])
         table[arm] = row
     paired = {}  # per seed, arm minus plain over the same data: the difference a seed cannot explain away
     if "plain" in args.arms:
@@ -316,7 +317,7 @@ def write_results(args, data, runs, evals, checks, bank_split):
             if arm == "plain":
                 continue
             diffs = {k: [evals[f"{arm}-s{s}"][k]["capped_wer"] - evals[f"plain-s{s}"][k]["capped_wer"] for s in args.seeds] for k in keys}
-            noisy = [np.mean([diffs[k][i] for k in keys if k != "clean"]) for i in range(len(args.seeds))]
+            noisy = [np.mean([diffs[k][i] for k in keys if k != "clean"]) for i in range(len(args.seeds))] if len(keys) > 1 else []
             paired[arm] = {"per_condition": {k: mean_spread(v) for k, v in diffs.items()}, "noisy_mean": mean_spread(noisy),
                            "seeds_better": int(sum(d < 0 for d in noisy)), "seeds": len(args.seeds)}
     results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "data": str(data),
@@ -384,6 +385,8 @@ def plot(args, results, keys, arms):
         print("note: no matplotlib: the plot is left out (pip install matplotlib)", flush=True)
         return
     kinds = [k for k in args.kinds if any(c.startswith(k + " ") for c in keys)]
+    if not kinds:
+        return
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         cols = [c for c in keys if c.startswith(kind + " ")]
