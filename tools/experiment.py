@@ -3,7 +3,7 @@ tools/experiment.py: does dual attention make Whisper robust to noise? Fine-tune
 Whisper from the same checkpoint on the same data, score every arm on a held-out test split under
 noise, and write the results folder.
 
-  python tools/experiment.py --quick                        # tiny.en, English corpus, a 2-core CPU, under an hour idle
+  python tools/experiment.py --quick --threads 1            # tiny.en, English corpus, sized for a 2-core CPU
   python tools/experiment.py --full                         # whisper-base, Azerbaijani corpus, a GPU
   python tools/experiment.py --quick --arms plain,dual,layer,plain_kl,dual_kl --out runs/ablations
   python tools/experiment.py --data data/az --init_from openai/whisper-small --language az --max_iters 5000 --batch_size 32
@@ -99,6 +99,8 @@ def get_parser():
                                                               "a repetition loop stops there; test sentences are far shorter")
     p.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (the same audio for every model)")
     p.add_argument("--no_official", action="store_true", help="leave out the official checkpoint's row")
+    p.add_argument("--report", action="store_true", help="train and evaluate nothing: write the results of the seeds and conditions "
+                                                         "evaluated so far (while a run goes on, or after it stopped)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch in every stage (0: torch's default); 1 is far "
                                                           "faster on a CPU that other jobs share, where threads wait for each other")
     return p
@@ -268,6 +270,7 @@ def evaluate_models(args, models, data):
                 out[name]["_params"] = sum(p.numel() for p in model.parameters())
             model, languages, english, options = loaded[name]
             t0 = time.time()
+            torch.manual_seed(args.eval_seed)  # the fallback's sampling: the same draws for every model and condition
             hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
             clips = score(refs, hyps, english)
             out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
@@ -293,7 +296,7 @@ def mean_spread(values):
 
 
 def write_results(args, data, runs, evals, checks, bank_split):
-    keys = [k for k in next(iter(evals.values())) if not k.startswith("_")]
+    keys = [k for k in next(iter(evals.values())) if not k.startswith("_") and all(k in e for e in evals.values())]
     arms = (["official"] if "official" in evals else []) + args.arms
     table = {}
     for arm in arms:
@@ -305,7 +308,8 @@ def write_results(args, data, runs, evals, checks, bank_split):
             row["final_gate_abs"] = mean_spread([s["final_gate_abs"] for s in stats])
         for metric in ("capped_wer", "wer"):
             row[metric] = {k: mean_spread([evals[n][k][metric] for n in names]) for k in keys}
-            row[metric]["noisy mean"] = mean_spread([np.mean([evals[n][k][metric] for k in keys if k != "clean"]) for n in names])
+            noisy = [k for k in keys if k != "clean"]
+            row[metric]["noisy mean"] = mean_spread([np.mean([evals[n][k][metric] for k in noisy]) for n in names] if noisy else [])
         table[arm] = row
     paired = {}  # per seed, arm minus plain over the same data: the difference a seed cannot explain away
     if "plain" in args.arms:
@@ -313,7 +317,7 @@ def write_results(args, data, runs, evals, checks, bank_split):
             if arm == "plain":
                 continue
             diffs = {k: [evals[f"{arm}-s{s}"][k]["capped_wer"] - evals[f"plain-s{s}"][k]["capped_wer"] for s in args.seeds] for k in keys}
-            noisy = [np.mean([diffs[k][i] for k in keys if k != "clean"]) for i in range(len(args.seeds))]
+            noisy = [np.mean([diffs[k][i] for k in keys if k != "clean"]) for i in range(len(args.seeds))] if len(keys) > 1 else []
             paired[arm] = {"per_condition": {k: mean_spread(v) for k, v in diffs.items()}, "noisy_mean": mean_spread(noisy),
                            "seeds_better": int(sum(d < 0 for d in noisy)), "seeds": len(args.seeds)}
     results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "data": str(data),
@@ -327,6 +331,11 @@ def write_results(args, data, runs, evals, checks, bank_split):
     return results
 
 
+def kind_mean(row, keys, kind):
+    values = [row[k][0] for k in keys if k.startswith(kind + " ")]
+    return f"{100 * np.mean(values):.1f}" if values else "-"
+
+
 def fmt(ms, scale=100, digits=1):
     m, s = ms
     return "-" if m is None else f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
@@ -337,25 +346,23 @@ def markdown(args, results, keys, arms):
     n_clips = results["evaluations"][t[arms[-1]]["runs"][0]]["clean"]["clips"]
     lines = ["# Dual against plain Whisper under noise", "",
              f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
-             f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']} (voices and sentences never in training), bank noise from {results['bank_split']}; "
+             f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}. Capped WER (%): a clip's errors "
              "count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(args.kinds)]
     for arm in arms:
         r = t[arm]
-        per_kind = [np.mean([r["capped_wer"][k][0] for k in keys if k.startswith(kind + " ")]) for kind in args.kinds]
         step = r.get("seconds_per_step")
         lines.append(f"| {arm} | {r['params'] / 1e6:.2f}M | {'-' if step is None else f'{step[0]:.2f}'} | {fmt(r['capped_wer']['clean'])} | "
-                     f"{fmt(r['capped_wer']['noisy mean'])} | " + " | ".join(f"{100 * v:.1f}" for v in per_kind) + " |")
+                     f"{fmt(r['capped_wer']['noisy mean'])} | " + " | ".join(kind_mean(r["capped_wer"], keys, kind) for kind in args.kinds) + " |")
     if results["paired_vs_plain"]:
         lines += ["", "Arm minus plain on the same seed (capped WER points; negative: better than plain):", "",
                   "| arm | noisy mean | seeds better | clean | " + " | ".join(args.kinds) + " |",
                   "|---|---|---|---|" + "---|" * len(args.kinds)]
         for arm, p in results["paired_vs_plain"].items():
-            per_kind = [np.mean([p["per_condition"][k][0] for k in keys if k.startswith(kind + " ")]) for kind in args.kinds]
             lines.append(f"| {arm} | {fmt(p['noisy_mean'])} | {p['seeds_better']}/{p['seeds']} | {fmt(p['per_condition']['clean'])} | "
-                         + " | ".join(f"{100 * v:+.1f}" for v in per_kind) + " |")
+                         + " | ".join(kind_mean(p["per_condition"], keys, kind) for kind in args.kinds) + " |")
     for kind in args.kinds:
         cols = [k for k in keys if k.startswith(kind + " ")]
         if not cols:
@@ -378,6 +385,8 @@ def plot(args, results, keys, arms):
         print("note: no matplotlib: the plot is left out (pip install matplotlib)", flush=True)
         return
     kinds = [k for k in args.kinds if any(c.startswith(k + " ") for c in keys)]
+    if not kinds:
+        return
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         cols = [c for c in keys if c.startswith(kind + " ")]
@@ -403,6 +412,24 @@ def plot(args, results, keys, arms):
 # -----------------------------------------------------------------------------
 
 
+def report(args):
+    data = Path(args.data) if args.data else args.out / "data"
+    evals_all = {p.stem: json.loads(p.read_text()) for p in sorted((args.out / "eval").glob("*.json"))}
+    evals = evals_all
+    seeds = [s for s in args.seeds if all(f"{arm}-s{s}" in evals for arm in args.arms)]
+    if not seeds:
+        sys.exit(f"experiment.py: error: no seed of {args.out} has every arm evaluated yet")
+    runs = {f"{arm}-s{s}": [json.loads(line) for line in open(args.out / "runs" / f"{arm}-s{s}" / "log.jsonl")] for s in seeds for arm in args.arms}
+    evals = {k: v for k, v in evals.items() if k in runs}
+    if "official" in evals_all and set(evals[f"{args.arms[0]}-s{seeds[0]}"]) <= set(evals_all["official"]):
+        evals = {"official": evals_all["official"], **evals}  # its row, once it has every condition the arms have
+    args.seeds = seeds
+    results = write_results(args, data, runs, evals, same_data(runs, args, seeds), bank_split_of(data))
+    print((args.out / "results.md").read_text())
+    print(f"{len(results['arms'])} rows over seeds {seeds}; conditions: {', '.join(k for k in evals[f'{args.arms[0]}-s{seeds[0]}'] if not k.startswith('_'))}")
+    return 0
+
+
 def main(argv=None):
     args = resolve(get_parser().parse_args(argv))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -412,6 +439,8 @@ def main(argv=None):
     t0 = time.time()
     print(f"experiment: {args.out}: arms {args.arms}, seeds {args.seeds}, {args.init_from}, {args.max_iters} steps of {args.batch_size}",
           flush=True)
+    if args.report:
+        return report(args)
     data = make_data(args)
     evals, runs, seeds = {}, {}, args.seeds
     for k, seed in enumerate(seeds):  # seed by seed, the results rewritten after each: a stop leaves the seeds done
