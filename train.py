@@ -629,8 +629,8 @@ def evaluate(model, tokenizer, val, conditions, clips, micro_batch, autocast, ra
                 out = dict(dw.transcribe_many(model, clips_audio, batch_size=len(indices), languages=languages, **EVAL_DECODING))
             hyps = [out[b]["text"] if isinstance(out[b], dict) else "" for b in range(len(indices))]
             refs = [r["text"] for r in rows]
-            examples.setdefault(name, (dw.normalize_text(refs[0], languages is None or languages[0] in (None, "en")),
-                                       dw.normalize_text(hyps[0], languages is None or languages[0] in (None, "en"))))
+            english = languages is None or languages[0] in (None, "en")
+            examples.setdefault(name, (dw.normalize_text(refs[0], english), dw.normalize_text(hyps[0], english)))
             for k, v in dw.error_counts(refs, hyps, languages).items():
                 if k in sums:
                     sums[k] += v
