@@ -1971,6 +1971,52 @@ def padded_log_mel(audio, n_mels=80, chunk_frames=MEL_CHUNK_FRAMES):
     return (out + 4.0) / 4.0
 
 
+def speech_chunks(mel, start=0, end=None, max_frames=N_FRAMES, pad=0.3, min_silence=0.6, smooth=0.2):
+    """Cut frames [start, end) of a log-mel (n_mels, frames) into chunks of at most max_frames
+    that hold all its speech and begin and end in silence: the (start, end) frames of each.
+
+    A frame is speech when its loudness (the mean log-mel, averaged over `smooth` seconds) rises
+    a fifth of the way from the file's quietest level (1st percentile) to its speech level (95th
+    percentile). Stretches of speech, widened by `pad` seconds on each side and joined across
+    silences shorter than `min_silence`, are then gathered in order into chunks while a chunk
+    stays within max_frames; a stretch longer than that is cut at its quietest moment in the
+    second half of each window. Silence between chunks is left out; a file of silence gives none."""
+    end = mel.shape[-1] if end is None else end
+    if end - start <= 0:
+        return []
+    level = mel[:, start:end].float().mean(0)
+    k = max(1, round(smooth * FRAMES_PER_SECOND)) | 1
+    level = F.avg_pool1d(level[None, None], k, 1, k // 2, count_include_pad=False)[0, 0]
+    ranked = level.sort().values
+    lo, hi = ranked[int(0.01 * (len(ranked) - 1))], ranked[int(0.95 * (len(ranked) - 1))]
+    speech = (level > lo + 0.2 * (hi - lo)).tolist()
+    widen, join = round(pad * FRAMES_PER_SECOND), round(min_silence * FRAMES_PER_SECOND)
+    stretches = []  # (start, end) of speech, relative to `start`
+    for i, (a, b) in enumerate(zip([False] + speech, speech + [False])):
+        if b and not a:
+            first = i
+        elif a and not b:
+            s0, s1 = max(0, first - widen), min(len(speech), i + widen)
+            if stretches and s0 - stretches[-1][1] < join:
+                s0 = stretches.pop()[0]
+            stretches.append((s0, s1))
+    pieces = []
+    for a, b in stretches:
+        while b - a > max_frames:  # one stretch longer than a window: cut where it is quietest
+            half = a + max_frames // 2
+            cut = half + int(level[half:a + max_frames].argmin())
+            pieces.append((a, cut))
+            a = cut
+        pieces.append((a, b))
+    chunks = []
+    for a, b in pieces:
+        if chunks and b - chunks[-1][0] <= max_frames:
+            chunks[-1] = (chunks[-1][0], b)
+        else:
+            chunks.append((a, b))
+    return [(start + a, start + b) for a, b in chunks]
+
+
 @dataclass(frozen=True)
 class _Rules:
     """What a transcription does besides decoding windows: openai-whisper's options of `transcribe`."""
@@ -1992,9 +2038,9 @@ class _Transcript:
     """One file's way through openai-whisper's transcription loop, cut in two at the decoding of
     a window (`window`, then `add`), so that the windows of many files can decode together."""
 
-    def __init__(self, model, tokenizer, audio, language, rules):
+    def __init__(self, model, tokenizer, mel, language, rules, clips):
         self.model, self.tokenizer, self.language, self.rules = model, tokenizer, language, rules
-        self.mel = padded_log_mel(audio, model.dims.n_mels)  # (n_mels, frames + 3000): 30 s of padding at the end
+        self.mel = mel  # (n_mels, frames + 3000): the file's log-mel with 30 s of padding at the end
         self.frames = self.mel.shape[-1] - N_FRAMES
         self.prompt_tokens = _prompt_tokens(tokenizer, rules.initial_prompt) if rules.initial_prompt is not None else []
         self.all_tokens, self.segments = list(self.prompt_tokens), []
@@ -2002,11 +2048,13 @@ class _Transcript:
         self.last_speech = 0.0  # the end of the last word (word timestamps)
         self.input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per output position: 2
         self.time_precision = self.input_stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
-        points = [round(t * FRAMES_PER_SECOND) for t in rules.clip_timestamps] or [0]
-        if len(points) % 2:
-            points.append(self.frames)  # the last clip runs to the end of the file
-        self.clips = list(zip(points[::2], points[1::2]))  # (start, end) in mel frames
+        self.clips = clips  # (start, end) in mel frames: the parts of the file to transcribe
         self.clip, self.seek = 0, self.clips[0][0]
+
+    def seconds(self, upto=None):
+        """Seconds of audio its clips hold up to frame `upto` (default: all)."""
+        upto = self.frames if upto is None else upto
+        return sum(max(0, min(upto, b, self.frames) - a) for a, b in self.clips) / FRAMES_PER_SECOND
 
     @property
     def done(self):
@@ -2149,28 +2197,41 @@ def _needs_fallback(r, rules):
     return too_repetitive or too_unlikely
 
 
-def transcribe(model, audio, **options):
-    """Transcribe one file (a path, or 16 kHz samples as numpy or torch) as openai-whisper's
-    `transcribe` does. Returns {"text", "segments", "language"}; each segment holds id, seek,
-    start, end, text, tokens, temperature, avg_logprob, compression_ratio, no_speech_prob, for
-    dual models the mean gate value, and with word_timestamps=True its `words`, each
-    {word, start, end, probability}. Options: those of `transcribe_many` and `DecodingOptions`."""
-    ((_, result),) = transcribe_many(model, [audio], **options)
+def transcribe(model, audio, *, batch_size=1, **options):
+    """Transcribe one file (a path, or 16 kHz samples as numpy or torch). Returns {"text",
+    "segments", "language"}; each segment holds id, seek, start, end, text, tokens, temperature,
+    avg_logprob, compression_ratio, no_speech_prob, for dual models the mean gate value, and with
+    word_timestamps=True its `words`, each {word, start, end, probability}.
+
+    batch_size=1: openai-whisper's `transcribe`, window after window, each moved on by the
+    timestamps the one before predicted and given its text as the prompt. batch_size > 1: the
+    file is cut at silences into chunks of at most 30 s (`speech_chunks`) that are decoded
+    independently, batch_size at a time, as faster-whisper's batched pipeline does: several
+    times faster on long files, and no window is conditioned on the text of another chunk.
+    Options: those of `transcribe_many` and `DecodingOptions`."""
+    ((_, result),) = transcribe_many(model, [audio], batch_size=batch_size, chunked=batch_size > 1, **options)
     if isinstance(result, Exception):
         raise result
     return result
 
 
 @torch.no_grad()
-def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+def transcribe_many(model, audios, *, batch_size=1, chunked=False, verbose=None, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
                     compression_ratio_threshold=2.4, logprob_threshold=-1.0, no_speech_threshold=0.6,
                     condition_on_previous_text=True, initial_prompt=None, word_timestamps=False,
                     prepend_punctuations=PREPEND_PUNCTUATIONS, append_punctuations=APPEND_PUNCTUATIONS,
                     clip_timestamps="0", hallucination_silence_threshold=None, languages=None, **decode_options):
-    """Transcribe files, decoding the current windows of up to `batch_size` files together. Checks
-    the options at the call, then returns a generator of (index, result) as each file finishes,
-    where result is what `transcribe` returns or the exception that file raised (unreadable, say),
-    so that one bad file does not stop the others.
+    """Transcribe files, decoding up to `batch_size` windows together. Checks the options at the
+    call, then returns a generator of (index, result) as each file finishes, where result is what
+    `transcribe` returns or the exception that file raised (unreadable, say), so that one bad file
+    does not stop the others.
+
+    chunked=False: each file goes through openai-whisper's sequential loop, and the current
+    windows of up to batch_size files decode together (each file's result is what it gives
+    alone). chunked=True: each file is cut at silences into chunks of at most 30 s
+    (`speech_chunks`) that go through that loop independently (a chunk's prompt is its own text
+    and initial_prompt only), batch_size chunks at a time, and each file's segments are put back
+    in order: the way to decode one long file in batches.
 
     temperature: one, or a sequence tried in turn while a window's text is too repetitive
     (gzip compression ratio above compression_ratio_threshold) or too unlikely (mean logprob
@@ -2190,6 +2251,8 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     hallucination_silence_threshold (seconds, needs word_timestamps): skip silences longer than
     this around segments that look like hallucinations."""
     decode_options.pop("fp16", None)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     tries = []  # the options of each try, checked now: a bad one fails at this call, not at some window's fallback
     for temp in temperatures:  # beam search at temperature 0, best_of samples above it
@@ -2208,68 +2271,110 @@ def transcribe_many(model, audios, *, batch_size=1, verbose=None, temperature=(0
     rules = _Rules(tries[0].task, initial_prompt, condition_on_previous_text, compression_ratio_threshold, logprob_threshold,
                    no_speech_threshold, tuple(clip_timestamps), word_timestamps, prepend_punctuations, append_punctuations,
                    hallucination_silence_threshold if word_timestamps else None)
-    return _transcribing(model, audios, batch_size, verbose, tries, rules, languages, decode_options.get("language"))
+    return _transcribing(model, audios, batch_size, chunked, verbose, tries, rules, languages, decode_options.get("language"))
+
+
+def _file_transcripts(model, tokenizer, audio, language, rules, chunked):
+    """The _Transcripts of one file: one over its clips, or with chunked one per speech chunk,
+    all reading the same log-mel."""
+    if isinstance(audio, (str, Path)):
+        path, audio = audio, load_audio(audio)
+        if len(audio) == 0:
+            raise ValueError(f"audio file {path} holds no samples")
+    if language is not None:
+        language = tokenizer.to_language_code(language) if tokenizer.multilingual else "en"
+    elif not tokenizer.multilingual:
+        language = "en"
+    mel = padded_log_mel(audio, model.dims.n_mels)
+    frames = mel.shape[-1] - N_FRAMES
+    points = [round(t * FRAMES_PER_SECOND) for t in rules.clip_timestamps] or [0]
+    if len(points) % 2:
+        points.append(frames)  # the last clip runs to the end of the file
+    clips = list(zip(points[::2], points[1::2]))  # (start, end) in mel frames
+    if not chunked:
+        return language, [_Transcript(model, tokenizer, mel, language, rules, clips)]
+    if language is None:  # one language for all chunks: detected on the first 30 s, as openai-whisper does
+        (language,), _ = detect_language(model, mel[None, :, :N_FRAMES], tokenizer)
+    chunks = [c for a, b in clips for c in speech_chunks(mel, min(a, frames), min(b, frames))]
+    return language, [_Transcript(model, tokenizer, mel, language, rules, [c]) for c in chunks]
+
+
+def _joined(parts, language):
+    """One file's result from its transcripts' results, in order of time."""
+    if len(parts) == 1:
+        return parts[0]
+    segments = [s for p in parts for s in p["segments"]]
+    for j, s in enumerate(segments):
+        s["id"] = j
+    return dict(text="".join(p["text"] for p in parts), segments=segments, language=language)
 
 
 @torch.no_grad()  # (on the generator itself: transcribe_many returns it, and its own decorator ends there)
-def _transcribing(model, audios, batch_size, verbose, tries, rules, languages, language_option):
+def _transcribing(model, audios, batch_size, chunked, verbose, tries, rules, languages, language_option):
     """transcribe_many's generator."""
     import tqdm
 
     tokenizer = model_tokenizer(model)
     several = not hasattr(audios, "__len__") or len(audios) > 1  # printed segments then say which file
-    pending = iter(enumerate(audios))
-    active = []  # (index, _Transcript)
+
+    def files():  # (index, language, transcripts or the exception, label)
+        for i, audio in enumerate(audios):
+            label = f"{audio}: " if several and isinstance(audio, (str, Path)) else f"{i}: " if several else ""
+            try:
+                language, ts = _file_transcripts(model, tokenizer, audio, languages[i] if languages is not None else language_option,
+                                                 rules, chunked)
+            except (OSError, ValueError, RuntimeError) as e:
+                yield i, None, e, label
+                continue
+            if chunked and verbose and tokenizer.multilingual and (languages is None and language_option is None):
+                print(f"{label}Detected language: {LANGUAGES[language].title()}")
+            yield i, language, ts, label
+
+    pending = files()
+    waiting = {}  # file index -> [its language, its transcripts' results (None until done)]
+    active = []  # (file index, transcript number, _Transcript, label)
     with tqdm.tqdm(total=0, unit="s", unit_scale=True, disable=verbose is not False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]") as bar:
         while True:
             while len(active) < batch_size:
                 item = next(pending, None)
                 if item is None:
                     break
-                i, audio = item
-                try:
-                    if isinstance(audio, (str, Path)):
-                        path, audio = audio, load_audio(audio)
-                        if len(audio) == 0:
-                            raise ValueError(f"audio file {path} holds no samples")
-                    language = languages[i] if languages is not None else language_option
-                    if language is not None:
-                        language = tokenizer.to_language_code(language) if tokenizer.multilingual else "en"
-                    elif not tokenizer.multilingual:
-                        language = "en"
-                    t = _Transcript(model, tokenizer, audio, language, rules)
-                except (OSError, ValueError, RuntimeError) as e:
-                    yield i, e
+                i, language, ts, label = item
+                if isinstance(ts, Exception):
+                    yield i, ts
                     continue
-                if t.done:
-                    yield i, t.result()
-                    continue
-                bar.total += t.frames / FRAMES_PER_SECOND
-                bar.refresh()
-                label = f"{item[1]}: " if several and isinstance(item[1], (str, Path)) else f"{i}: " if several else ""
-                active.append((i, t, label))
+                waiting[i] = [language, [t.result() if t.done else None for t in ts]]
+                for k, t in enumerate(ts):
+                    if not t.done:
+                        bar.total += t.seconds()
+                        active.append((i, k, t, label))
+                if all(r is not None for r in waiting[i][1]):
+                    language, parts = waiting.pop(i)
+                    yield i, _joined(parts, language) if parts else dict(text="", segments=[], language=language)
+            bar.refresh()
             if not active:
                 return
 
-            windows = [t.window() for _, t, _ in active]
+            now, active = active[:batch_size], active[batch_size:]  # a file's chunks may wait for the next round
+            windows = [t.window() for _, _, t, _ in now]
             mel = torch.stack([w[0] for w in windows])
             features = encode_audio(model, mel)
             base = KVCache(model, features, 1)
-            unknown = [j for j, (_, t, _) in enumerate(active) if t.language is None]
+            unknown = [j for j, (_, _, t, _) in enumerate(now) if t.language is None]
             if unknown:  # detect on the first 30 s, as openai-whisper does (padding included)
-                first = torch.stack([active[j][1].mel[:, :N_FRAMES] for j in unknown])
+                first = torch.stack([now[j][2].mel[:, :N_FRAMES] for j in unknown])
                 if torch.equal(first, mel[unknown]):
-                    codes, _ = detect_language(model, base.rows(unknown, 1) if len(unknown) < len(active) else base, tokenizer)
+                    codes, _ = detect_language(model, base.rows(unknown, 1) if len(unknown) < len(now) else base, tokenizer)
                 else:
                     codes, _ = detect_language(model, first, tokenizer)
                 for j, code in zip(unknown, codes):
-                    active[j][1].language = code
+                    now[j][2].language = code
                     if verbose:
-                        print(f"{active[j][2]}Detected language: {LANGUAGES[code].title()}")
-            results = [None] * len(active)
-            todo = list(range(len(active)))
+                        print(f"{now[j][3]}Detected language: {LANGUAGES[code].title()}")
+            results = [None] * len(now)
+            todo = list(range(len(now)))
             for options in tries:
-                out = decode_windows(model, tokenizer, base, todo, options, [active[j][1].language for j in todo], [windows[j][1] for j in todo], gates=True)
+                out = decode_windows(model, tokenizer, base, todo, options, [now[j][2].language for j in todo], [windows[j][1] for j in todo], gates=True)
                 again = []
                 for j, r in zip(todo, out):
                     results[j] = r
@@ -2279,17 +2384,21 @@ def _transcribing(model, audios, batch_size, verbose, tries, rules, languages, l
                 if not todo:
                     break
             still = []
-            for j, ((i, t, label), r) in enumerate(zip(active, results)):
-                before = min(t.seek, t.frames)
+            for j, ((i, k, t, label), r) in enumerate(zip(now, results)):
+                before = t.seconds(t.seek)
                 for start, end, text in t.add(r, features[j:j + 1]):
                     if verbose:
                         print(f"{label}[{format_timestamp(start)} --> {format_timestamp(end)}] {text}", flush=True)
-                bar.update(max(0, min(t.seek, t.frames) - before) / FRAMES_PER_SECOND)
-                if t.done:
-                    yield i, t.result()
-                else:
-                    still.append((i, t, label))
-            active = still
+                done = t.done
+                bar.update(t.seconds(t.seek) - before)
+                if not done:
+                    still.append((i, k, t, label))
+                    continue
+                waiting[i][1][k] = t.result()
+                if all(p is not None for p in waiting[i][1]):
+                    language, parts = waiting.pop(i)
+                    yield i, _joined(parts, language)
+            active = still + active
 
 
 def format_timestamp(seconds, always_include_hours=False, decimal_marker="."):

@@ -4,6 +4,7 @@ sample.py: transcribe audio files with dualwhisper, or measure word error rates 
   python sample.py audio.wav                                  # text on stdout
   python sample.py talk.mp3 --model ../shared/models/whisper-tiny.en --beam_size 5
   python sample.py clips/*.wav --batch_size 16 --output_format srt --output_dir out/
+  python sample.py lecture.mp3 --chunked --batch_size 16      # a long file cut at silences, its chunks in batches
   python sample.py talk.mp3 --word_timestamps True -f srt --max_line_width 42 --max_line_count 2
   python sample.py --eval data/az --split val --snr 10 5 0 --noise babble
   python sample.py --eval manifest.jsonl                      # {"path": ..., "text": ...} per line
@@ -11,7 +12,9 @@ sample.py: transcribe audio files with dualwhisper, or measure word error rates 
 
 Transcription follows openai-whisper's `transcribe` (same options, same text and timestamps on the
 same weights); the work is done by `transcribe_many` in dualwhisper.py, which decodes the current
-30-second windows of up to --batch_size files together.
+30-second windows of up to --batch_size files together. --chunked cuts each file at silences into
+chunks of at most 30 s and decodes those --batch_size at a time instead, as faster-whisper's
+batched pipeline does.
 """
 
 import argparse
@@ -333,7 +336,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (pays off on long jobs)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows (of different files) decoded together")
+    p.add_argument("--batch_size", type=int, default=8, help="windows decoded together: of different files, or with --chunked "
+                                                            "of one file's chunks")
+    p.add_argument("--chunked", action="store_true", help="cut each file at silences into chunks of at most 30 s, decoded "
+                                                         "independently --batch_size at a time: several times faster on long "
+                                                         "files (no window is conditioned on another chunk's text)")
     g = p.add_argument_group("output")
     g.add_argument("--output_format", "-f", choices=list(WRITERS) + ["all"], default=None,
                    help="write files of this format (default: text on stdout only)")
@@ -479,7 +486,7 @@ def main(argv=None):
             print("warning: --max_words_per_line has no effect with --max_line_width", file=sys.stderr)
         verbose = sys.stdout.isatty() if args.verbose is None else args.verbose  # segments as they come, on a terminal
         progress = False if sys.stderr.isatty() else None
-        results = dw.transcribe_many(model, args.audio, batch_size=args.batch_size, verbose=True if verbose else progress, **options)
+        results = dw.transcribe_many(model, args.audio, batch_size=args.batch_size, chunked=args.chunked, verbose=True if verbose else progress, **options)
     except (OSError, ValueError, ConnectionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -108,6 +108,12 @@ def long_audio(jfk_audio):
     return audio.astype(np.float32)
 
 
+# what long_audio says: its phrases in order
+LONG_TEXT = ("what your country can do for you and so my fellow americans ask what you can do for your country ask not what your "
+             "country can do for you what your country can do for you ask what you can do for your country and so my fellow "
+             "americans ask not ask what you can do for your country")
+
+
 # -----------------------------------------------------------------------------
 # training and data: a tiny random model beside the real tokenizer, small prepared corpora, train.py runs
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import IN_CI, ROOT, need
+from conftest import IN_CI, LONG_TEXT, ROOT, need
 
 import dualwhisper as dw
 import sample
@@ -166,6 +166,62 @@ def test_long_log_mel_in_chunks_is_the_same(long_audio):
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 
+def test_speech_chunks_hold_all_speech_and_cut_in_silence(long_audio):
+    """long_audio's pauses are silence: the chunks must hold every sample of its speech, begin and
+    end in a pause (or at the file's ends), and last at most 30 s."""
+    mel = dw.padded_log_mel(long_audio)
+    chunks = dw.speech_chunks(mel, 0, mel.shape[-1] - dw.N_FRAMES)
+    assert len(chunks) >= 2 and all(0 < b - a <= dw.N_FRAMES for a, b in chunks)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(chunks, chunks[1:]))
+    hop = dw.HOP_LENGTH
+    inside = np.zeros(len(long_audio), bool)
+    for a, b in chunks:
+        inside[a * hop:b * hop] = True
+        for edge in (a, b):
+            near = long_audio[max(0, edge * hop - 800):edge * hop + 800]  # 50 ms either side
+            assert edge == 0 or edge * hop >= len(long_audio) or not np.any(near), (a, b)
+    assert inside[np.abs(long_audio) > 1e-4].all()  # no speech left out
+    assert dw.speech_chunks(dw.padded_log_mel(np.zeros(40 * SR, np.float32)), 0, 4000) == []
+
+
+def test_speech_chunks_cut_speech_without_pauses_where_it_is_quietest():
+    """70 s of loud noise with a dip of 0.15 s every 7 s and no silence: every frame goes into a
+    chunk, and each cut falls in a dip."""
+    rng = np.random.default_rng(0)
+    audio = (0.3 * rng.standard_normal(70 * SR)).astype(np.float32)
+    dips = np.arange(7, 70, 7.0)
+    for t in dips:
+        audio[int(t * SR):int((t + 0.15) * SR)] *= 0.01
+    frames = 70 * dw.FRAMES_PER_SECOND
+    chunks = dw.speech_chunks(dw.padded_log_mel(audio), 0, frames)
+    assert chunks[0][0] == 0 and chunks[-1][1] == frames and all(b1 == a2 for (_, b1), (a2, _) in zip(chunks, chunks[1:]))
+    assert all(b - a <= dw.N_FRAMES for a, b in chunks) and len(chunks) == 3
+    for _, cut in chunks[:-1]:
+        assert np.min(np.abs(dips - cut / dw.FRAMES_PER_SECOND)) < 0.2, cut
+
+
+def test_one_long_file_in_batches(tiny_en, long_audio, jfk_audio):
+    """transcribe(batch_size=N) decodes a file's silence-cut chunks together: its words are as
+    good as the sequential transcript's (WER against what is said within 1 point), its segments
+    and words are in order and inside the audio; jfk.flac, speech from end to end, is one chunk
+    and gives exactly the sequential result; silence gives nothing."""
+    jiwer = need("jiwer")
+    sequential = dw.transcribe(tiny_en, long_audio, temperature=0.0)
+    batched = dw.transcribe(tiny_en, long_audio, temperature=0.0, batch_size=4, word_timestamps=True)
+    wer = {name: jiwer.wer(LONG_TEXT, dw.normalize_text(r["text"])) for name, r in (("sequential", sequential), ("batched", batched))}
+    print(wer)
+    assert wer["batched"] <= wer["sequential"] + 0.01
+    assert [s["id"] for s in batched["segments"]] == list(range(len(batched["segments"])))
+    times = [t for s in batched["segments"] for t in (s["start"], s["end"])]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= len(long_audio) / SR
+    words = [t for s in batched["segments"] for w in s["words"] for t in (w["start"], w["end"])]
+    assert words == sorted(words) and words[-1] <= len(long_audio) / SR
+    assert batched["text"] == "".join(s["text"] for s in batched["segments"])
+    short = dw.transcribe(tiny_en, jfk_audio, temperature=0.0, batch_size=4)
+    assert _segments(short) == _segments(dw.transcribe(tiny_en, jfk_audio, temperature=0.0))
+    assert dw.transcribe(tiny_en, np.zeros(45 * SR, np.float32), batch_size=4) == dict(text="", segments=[], language="en")
+
+
 def test_open_gates_are_reported_per_segment(tiny_en, jfk_audio):
     model = copy.deepcopy(tiny_en)
     with torch.no_grad():
@@ -302,6 +358,15 @@ def test_cli_refuses_outputs_that_would_overwrite_each_other(tiny_en_dir, jfk_pa
     assert not out.exists()
     assert sample.main([str(jfk_path), str(jfk_path), "--model", str(tiny_en_dir), "--output_dir", str(out)]) == 0  # the same file twice is fine
     assert (out / "jfk.txt").read_text().startswith("And so")
+
+
+def test_cli_transcribes_one_long_file_in_batches(tiny_en_dir, long_audio, tmp_path, capsys):
+    path = _wav(tmp_path / "long.wav", long_audio)
+    assert sample.main([str(path), "--model", str(tiny_en_dir), "--chunked", "--batch_size", "4", "-f", "srt", "-o", str(tmp_path)]) == 0
+    assert "ask what you can do for your country" in dw.normalize_text(capsys.readouterr().out)
+    srt = (tmp_path / "long.srt").read_text()
+    starts = [line.split(" --> ")[0] for line in srt.splitlines() if " --> " in line]
+    assert len(starts) >= 5 and starts == sorted(starts) and starts[-1] > "00:00:30"
 
 
 def test_cli_runs_as_a_script(tiny_en_dir, jfk_path):
