@@ -3,6 +3,8 @@ tools/bench.py: timings against baselines measured in the same run, printed as r
 
   python tools/bench.py transcribe   sample.py's transcription vs openai-whisper (and faster-whisper /
                                      transformers where installed)
+  python tools/bench.py long         one long recording: sequential against chunked batches (transcribe(batch_size=N)),
+                                     against openai-whisper (and transformers' pipeline, Silero VAD where installed)
   python tools/bench.py train        training clips/s vs transformers' Whisper in the same loop, and packed
                                      windows (train.py --pack) vs padded clips
   python tools/bench.py prepare      hours of audio prepared per minute, and batch read speed
@@ -139,6 +141,130 @@ def bench_transcribe(args):
             same = "" if base is None or name.startswith(("transformers", "faster")) else (
                 "same text" if texts[name] == texts["openai-whisper"] else "TEXT DIFFERS")
             print(f"  {name:<32} {min(t):7.3f} s  {statistics.median(t):7.3f} s  {ratio}  {same}", flush=True)
+
+
+def long_recording(audio, seconds, seed=0):
+    """About `seconds` of jfk.flac's four phrases in a random order, each at one of five speeds,
+    between pauses of 0.2 to 3 s: a long recording of real speech whose words are known.
+    Returns the samples and the text."""
+    import numpy as np
+
+    import dualwhisper as dw
+
+    sr = dw.SAMPLE_RATE
+    phrases = [((0.0, 2.6), "and so my fellow americans"), ((2.6, 4.7), "ask not"), ((4.7, 7.9), "what your country can do for you"),
+               ((7.9, 11.0), "ask what you can do for your country")]
+    rng = np.random.default_rng(seed)
+    pieces, words, total = [], [], 0
+    while total < seconds * sr:
+        (a, b), text = phrases[rng.integers(len(phrases))]
+        piece = dw.resample(audio[int(a * sr):int(b * sr)], sr, int(rng.choice([14400, 15200, 16000, 17200, 17600])))
+        pieces += [piece, np.zeros(int(rng.uniform(0.2, 3.0) * sr), np.float32)]
+        words.append(text)
+        total += len(pieces[-1]) + len(piece)
+    return np.concatenate(pieces).astype(np.float32), " ".join(words)
+
+
+def bench_long(args):
+    """One long recording (--minutes of real speech: jfk.flac's phrases rearranged at other speeds
+    between pauses, with background noise at --snr) transcribed by openai-whisper (sequential),
+    by us sequentially (batch_size=1, openai-whisper's algorithm) and in batches of silence-cut
+    chunks (transcribe(batch_size=N), sample.py --chunked), by the same chunking on Silero VAD's
+    speech timestamps where the silero-vad package is importable, and by transformers' pipeline
+    (chunk_length_s=30, batch_size=N) where installed. Greedy, temperature 0, float32, the same
+    weights; each run in turn --repeat times. Prints seconds, speed against openai-whisper, and the
+    WER against the words spoken and against our sequential transcript."""
+    import os
+    import time
+
+    import jiwer
+    import numpy as np
+    import torch
+
+    import dualwhisper as dw
+
+    shared = Path(os.environ.get("DUALWHISPER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    p = argparse.ArgumentParser(prog="tools/bench.py long", description=bench_long.__doc__)
+    p.add_argument("--model", default=str(shared / "models" / "whisper-tiny.en"))
+    p.add_argument("--audio", default=str(shared / "audio" / "jfk.flac"))
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--snr", type=lambda s: None if s == "none" else float(s), default=30.0,
+                   help="dB of speech over pink background noise (none: clean, digital silence)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(args)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    audio, truth = long_recording(dw.load_audio(a.audio), a.minutes * 60)
+    if a.snr is not None:
+        noise = dw.coloured_noise((1, len(audio)), "pink", torch.Generator().manual_seed(1))
+        audio = dw.mix_at_snr(torch.from_numpy(audio)[None], noise, a.snr)[0].numpy()
+    model = dw.load_model(a.model, device=device)
+    if device.type == "cpu":
+        dw.use_half_precision_decoding(model)  # as sample.py does
+    options = dict(temperature=0.0)
+    runners = {}
+    try:
+        import whisper
+
+        plain = dw.load_model(a.model, device=device, dual=False)
+        ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k in whisper.model.ModelDimensions.__dataclass_fields__}))
+        ref.load_state_dict(plain.state_dict())
+        ref = ref.to(device).eval()
+        runners["openai-whisper, sequential"] = lambda: whisper.transcribe(ref, audio, fp16=False, **options)["text"]
+    except ImportError:
+        print("openai-whisper is not installed: pip install --no-deps openai-whisper (the ratios need it)")
+    runners["ours, sequential (batch_size=1)"] = lambda: dw.transcribe(model, audio, **options)["text"]
+    runners[f"ours, chunked, batch {a.batch_size}"] = lambda: dw.transcribe(model, audio, batch_size=a.batch_size, **options)["text"]
+    try:
+        from silero_vad import get_speech_timestamps, load_silero_vad
+
+        vad = load_silero_vad()
+
+        def silero_chunks():
+            speech = get_speech_timestamps(torch.from_numpy(audio), vad, max_speech_duration_s=dw.CHUNK_LENGTH - 1, return_seconds=False)
+            chunks = []
+            for s in speech:
+                if chunks and s["end"] - chunks[-1][0] <= dw.N_SAMPLES:
+                    chunks[-1][1] = s["end"]
+                else:
+                    chunks.append([s["start"], s["end"]])
+            pieces = [audio[x:y] for x, y in chunks]
+            out = dict(dw.transcribe_many(model, pieces, batch_size=a.batch_size, **options))
+            return "".join(out[i]["text"] for i in range(len(pieces)))
+
+        runners[f"ours, chunked by Silero VAD, batch {a.batch_size}"] = silero_chunks
+    except ImportError:
+        pass
+    try:
+        from transformers import pipeline
+
+        asr = pipeline("automatic-speech-recognition", model=a.model, device=device, torch_dtype=torch.float32)
+        if asr.tokenizer.pad_token_id is None:  # its batching asks for one
+            asr.tokenizer.pad_token_id = asr.model.config.eos_token_id
+        runners[f"transformers pipeline, chunk_length_s=30, batch {a.batch_size}"] = lambda: asr(
+            audio.copy(), chunk_length_s=30, batch_size=a.batch_size, generate_kwargs=dict(do_sample=False, num_beams=1))["text"]
+    except ImportError:
+        pass
+
+    print(f"long: {Path(a.model).name}, float32 on {device}, {torch.get_num_threads()} threads, greedy; "
+          f"{len(audio) / dw.SAMPLE_RATE / 60:.1f} min of jfk.flac's phrases, pink noise at {a.snr} dB; best of {a.repeat}")
+    times, texts = {name: [] for name in runners}, {}
+    for _ in range(a.repeat):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            texts[name] = dw.normalize_text(fn())
+            times[name].append(time.perf_counter() - t0)
+    base = min(times["openai-whisper, sequential"]) if "openai-whisper, sequential" in times else None
+    sequential = texts["ours, sequential (batch_size=1)"]
+    print(f"  {'':<52} {'seconds':>8} {'speed':>7} {'WER':>6} {'vs ours sequential':>19}")
+    for name, t in times.items():
+        ratio = f"{base / min(t):6.2f}x" if base else ""
+        print(f"  {name:<52} {min(t):8.2f} {ratio:>7} {100 * jiwer.wer(truth, texts[name]):5.1f}% "
+              f"{100 * jiwer.wer(sequential, texts[name]):18.1f}%", flush=True)
 
 
 def bench_train(args):
@@ -541,7 +667,7 @@ def bench_mfu(args):
         bench_train_mfu(torch.device(a.device), batch_size, a.tokens, a.steps, compile=a.compile, profile=a.profile, mode=a.mode)
 
 
-BENCHMARKS = {"transcribe": bench_transcribe, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu}
+BENCHMARKS = {"transcribe": bench_transcribe, "long": bench_long, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:  # bench.py NAME --help is NAME's help
