@@ -1557,9 +1557,15 @@ def decode_windows(model, tokenizer, base, rows, options, languages, prompts=Non
     finished = [{} for _ in range(B)]  # beam search: finished sequence -> sum of logprobs
     max_candidates = round(G * (o.patience or 1.0))
     beam = o.beam_size is not None
+    static = getattr(model, "decoding_step", None)  # use_static_decoding: fixed-shape steps after the prompt
     x, offset = tokens, 0
     for step in range(sample_len):
-        h = model.decoder.hidden(x, kv_cache=cache, offset=offset)
+        if static is not None and step > 0:
+            h = static(x, offset)
+        else:
+            h = model.decoder.hidden(x, kv_cache=cache, offset=offset)
+            if static is not None:
+                static.start(cache, offset + x.shape[1])
         offset += x.shape[1]
         if step == 0:  # the no-speech probability: at <|startoftranscript|>, projected with the last position
             logits = model.decoder.project(torch.cat([h[:, -1], h[torch.arange(N, device=dev), sot_index.repeat_interleave(G)]]))
@@ -1587,7 +1593,7 @@ def decode_windows(model, tokenizer, base, rows, options, languages, prompts=Non
             n_done = int(done.sum())
             if n_done == len(done):
                 break
-            if G == 1 and 4 * n_done >= len(done):  # a quarter of the rows are done: they leave the batch
+            if G == 1 and 4 * n_done >= len(done) and static is None:  # a quarter of the rows are done: they leave the batch
                 for i in done.nonzero()[:, 0].tolist():
                     final[alive[i]] = tokens[i, L:].tolist(), sum_logprobs[i].item()
                 keep = (~done).nonzero()[:, 0]
@@ -1626,7 +1632,7 @@ def decode_windows(model, tokenizer, base, rows, options, languages, prompts=Non
         tokens = torch.tensor(next_seqs, device=dev)
         sum_logprobs = torch.tensor(new_sums, device=dev)
         if sources != list(range(N)):
-            cache.reorder(torch.tensor(sources, device=dev), cross=False)
+            (static or cache).reorder(torch.tensor(sources, device=dev), cross=False)
         x = tokens[:, -1:]
         if all(len(f) >= max_candidates for f in finished) or step + 1 > int(too_long.min()):
             break
@@ -2557,3 +2563,114 @@ def use_half_precision_decoding(model, slices=16384):
         dec.project = project
         swapped += 1
     return swapped
+
+
+# -----------------------------------------------------------------------------
+# optional, for GPUs: a decoding step with fixed shapes, compiled and replayed as a CUDA graph.
+# A step of a small model is a few hundred small kernels, so a GPU decoding one file waits on
+# the host that launches them. Here every tensor a step touches lives at a fixed address in
+# fixed-size buffers (the self-attention keys and values of all n_text_ctx positions, the
+# cross-attention keys and values, the rows' padding), the position is a tensor, and the
+# step attends over all positions with a mask: torch.compile(mode="reduce-overhead") then
+# captures it once per batch shape and replays it as one launch (gpt-fast's approach).
+# decode_windows uses it when model.decoding_step is set; this section can be deleted with
+# that attribute's three uses there (sample.py --compile sets it).
+
+
+class StaticStep(nn.Module):
+    """The decoder's one-token step for N rows of W windows (beams or samples: N // W rows
+    each), over buffers of n_ctx positions. forward(tokens (N, 1), slot ()) -> states (N, 1, C)."""
+
+    def __init__(self, model, cache, n_ctx):
+        super().__init__()
+        self.decoder = model.decoder
+        N, H, _, D = cache.self_kv[0][0].shape
+        like = cache.self_kv[0][0]
+        for i, layer in enumerate(cache.cross):
+            self.register_buffer(f"k{i}", like.new_zeros(N, H, n_ctx, D), persistent=False)
+            self.register_buffer(f"v{i}", like.new_zeros(N, H, n_ctx, D), persistent=False)
+            for j, kv in enumerate(layer):
+                if kv is not None:
+                    self.register_buffer(f"ck{i}_{j}", torch.zeros_like(kv[0]), persistent=False)
+                    self.register_buffer(f"cv{i}_{j}", torch.zeros_like(kv[1]), persistent=False)
+        self.register_buffer("pad", torch.zeros(N, dtype=torch.long, device=like.device), persistent=False)
+        self.branches = [[kv is not None for kv in layer] for layer in cache.cross]
+
+    def load(self, cache, offset):
+        """Take a cache whose positions 0..offset-1 are written (the prompt): the rows' keys and
+        values, their windows' cross-attention and their padding."""
+        for i, (k, v) in enumerate(cache.self_kv):
+            getattr(self, f"k{i}")[:, :, :offset].copy_(k[:, :, :offset])
+            getattr(self, f"v{i}")[:, :, :offset].copy_(v[:, :, :offset])
+            for j, kv in enumerate(cache.cross[i]):
+                if kv is not None:
+                    getattr(self, f"ck{i}_{j}").copy_(kv[0])
+                    getattr(self, f"cv{i}_{j}").copy_(kv[1])
+        self.pad.copy_(cache.pad if cache.pad is not None else torch.zeros_like(self.pad))
+
+    def reorder(self, index):
+        """Keep rows `index` (beams), in place."""
+        for i in range(len(self.branches)):
+            for name in (f"k{i}", f"v{i}"):
+                buf = getattr(self, name)
+                buf.copy_(buf[index])
+        self.pad.copy_(self.pad[index])
+
+    def forward(self, tokens, slot):
+        dec = self.decoder
+        n_ctx = self.k0.shape[2]
+        keys = torch.arange(n_ctx, device=tokens.device)
+        mask = ((keys <= slot) & (keys >= self.pad[:, None]))[:, None, None]  # (N, 1, 1, n_ctx)
+        x = dec.token_embedding(tokens) + dec.positional_embedding[slot - self.pad][:, None]
+        x = x.to(self.k0.dtype)
+        for i, block in enumerate(dec.blocks):
+            attn, k_buf, v_buf = block.attn, getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            h = block.attn_ln(x)
+            k_buf.index_copy_(2, slot.view(1), attn.heads(attn.key(h)))
+            v_buf.index_copy_(2, slot.view(1), attn.heads(attn.value(h)))
+            y = F.scaled_dot_product_attention(attn.heads(attn.query(h)), k_buf, v_buf, attn_mask=mask)
+            x = x + attn.out(y.transpose(1, 2).reshape(x.shape))
+            # the rest of the block as ResidualAttentionBlock.forward computes it when decoding
+            h = block.cross_attn_ln(x)
+            a = block.cross_attn(h, (getattr(self, f"ck{i}_0"), getattr(self, f"cv{i}_0")))[0]
+            if self.branches[i][1]:
+                b = block.cross_attn2(block.cross_attn2_ln(x), (getattr(self, f"ck{i}_1"), getattr(self, f"cv{i}_1")))[0]
+                a = block.fuse(h, a, b)[1]
+            x = x + a
+            x = x + block.mlp(block.mlp_ln(x))
+        return dec.ln(x)
+
+
+class StaticDecoding:
+    """model.decoding_step: decode_windows' steps after the prompt through one StaticStep per batch
+    shape, compiled whole (fullgraph) with torch.compile's `options` (default on CUDA:
+    mode="reduce-overhead", CUDA graphs), or run as they are with compile=False."""
+
+    def __init__(self, model, compile=True, **options):
+        self.model, self.compile, self.steps, self.current = model, compile, {}, None
+        if next(model.parameters()).device.type == "cuda" and not options:
+            options = dict(mode="reduce-overhead")
+        self.options = options
+
+    def start(self, cache, offset):
+        """A new decoding whose prompt filled the cache up to `offset`."""
+        k = cache.self_kv[0][0]
+        shape = (k.shape[0], cache.cross[0][0][0].shape[0], k.dtype, k.device, tuple(tuple(kv is not None for kv in layer) for layer in cache.cross))
+        if shape not in self.steps:
+            step = StaticStep(self.model, cache, self.model.dims.n_text_ctx)
+            self.steps[shape] = (step, torch.compile(step, fullgraph=True, **self.options) if self.compile else step)
+        self.current = self.steps[shape]
+        self.current[0].load(cache, offset)
+
+    def reorder(self, index, cross=False):
+        self.current[0].reorder(index)
+
+    def __call__(self, tokens, offset):
+        return self.current[1](tokens, torch.tensor(offset, device=tokens.device))
+
+
+def use_static_decoding(model, compile=True, **options):
+    """Decode with fixed-shape steps (StaticStep), compiled with torch.compile's options by
+    default (on CUDA: CUDA graphs). Returns the model."""
+    model.decoding_step = StaticDecoding(model, compile, **options)
+    return model

@@ -335,7 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (pays off on long jobs)")
+    p.add_argument("--compile", action="store_true", help="decode with fixed-shape steps compiled by torch.compile, on a GPU "
+                                                                 "replayed as CUDA graphs (pays off on long jobs)")
     p.add_argument("--batch_size", type=int, default=8, help="windows decoded together: of different files, or with --chunked "
                                                             "of one file's chunks")
     p.add_argument("--chunked", action="store_true", help="cut each file at silences into chunks of at most 30 s, decoded "
@@ -443,7 +444,7 @@ def load(args):
     model = dw.load_model(args.model, device=args.device, dtype=dtype)
     model.requires_grad_(False)  # else the encoder records every window's activations for a backward pass that never comes
     if args.compile:
-        model.decoder.hidden = torch.compile(model.decoder.hidden, dynamic=True)
+        dw.use_static_decoding(model)  # fixed-shape decoding steps, compiled; on a GPU replayed as CUDA graphs
     elif not args.eval:  # (--eval decodes as train.py's evaluation does, with the float32 products)
         dw.use_half_precision_decoding(model)  # x86 CPUs, official weights: half the bytes a decoding step reads
     return model

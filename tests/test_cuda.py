@@ -1,7 +1,8 @@
 """The accelerator paths, on a CUDA GPU where there is one (CI has none, so these skip there: on
 a CPU the comparisons against the CPU's numbers would compare the CPU with itself). Transcription on the GPU against
 openai-whisper on the same GPU and against our CPU numbers; float16, bfloat16 and the compiled
-decoder through sample.py; batching; GPU memory over long audio. train.py on the GPU: autocast
+decoder through sample.py; the CUDA-graph decoding step against the eager one; batching, one long
+file in batches; GPU memory over long audio. train.py on the GPU: autocast
 with and without a GradScaler, torch.compile, fused AdamW, NCCL under torchrun; log-mel on the
 device. Noise mixing on the GPU is test_train's SNR test, which runs on each device there is."""
 
@@ -114,6 +115,29 @@ def test_cli_on_the_device_compiled_and_half(tiny_en_dir, tiny_en_gpu, jfk_path,
         ref = dw.transcribe(tiny_en_gpu, audio, **GREEDY)
         assert got["text"] == ref["text"]
         assert [s["tokens"] for s in got["segments"]] == [s["tokens"] for s in ref["segments"]]
+
+
+@pytest.mark.parametrize("options", [GREEDY, BEAM5], ids=["greedy", "beam5"])
+def test_cuda_graph_decoding_matches_eager(tiny_en_gpu, jfk_audio, long_audio, options):
+    """use_static_decoding on the device (compiled, mode="reduce-overhead": each step one CUDA
+    graph replay) gives the eager decoder's text, tokens and segment times, one file at a time
+    and for a batch of windows with prompts of different lengths."""
+    graphs = dw.use_static_decoding(copy.deepcopy(tiny_en_gpu))
+    for audio in (jfk_audio, long_audio):
+        ref, got = dw.transcribe(tiny_en_gpu, audio, **options), dw.transcribe(graphs, audio, **options)
+        assert got["text"] == ref["text"]
+        assert [(s["start"], s["end"], s["tokens"]) for s in got["segments"]] == [(s["start"], s["end"], s["tokens"]) for s in ref["segments"]]
+    audios = [long_audio[: 35 * SR], jfk_audio[: 3 * SR]]
+    ref = dict(dw.transcribe_many(tiny_en_gpu, audios, batch_size=2, **options))
+    got = dict(dw.transcribe_many(graphs, audios, batch_size=2, **options))
+    assert all(got[i]["text"] == ref[i]["text"] for i in ref)
+
+
+def test_one_long_file_in_batches_on_the_device(tiny_en_gpu, tiny_en, long_audio):
+    """The chunked mode on the device gives the CPU's words."""
+    cpu = dw.transcribe(tiny_en, long_audio, batch_size=4, **GREEDY)
+    gpu = dw.transcribe(tiny_en_gpu, long_audio, batch_size=4, **GREEDY)
+    assert gpu["text"] == cpu["text"]
 
 
 def test_device_memory_does_not_grow_with_the_audio(tiny_en_gpu, long_audio):

@@ -231,17 +231,26 @@ def test_open_gates_are_reported_per_segment(tiny_en, jfk_audio):
     assert result["segments"] and all(math.isclose(s["gate"], math.tanh(0.3), rel_tol=1e-5) for s in result["segments"])
 
 
-def test_compiled_decoding_step_has_no_graph_break(tiny_en, jfk_audio):
-    """sample.py --compile compiles the decoder's step. Traced by dynamo alone (backend "eager", no
-    code generated, a few seconds), it must be one graph over two decodes that gives the same
-    text: a graph break leaves pieces compiled one by one, and a recompilation (a guard on the
-    step's position, say) costs minutes on a CPU."""
+def test_static_decoding_step_gives_the_same_transcripts(tiny_en, jfk_audio, long_audio):
+    """sample.py --compile decodes with fixed-shape steps (use_static_decoding): run as they are,
+    they give the same text, segments and log-probabilities as the usual steps, greedy and beam
+    search, with prompts of different lengths in one batch (the long file's second window).
+    Compiled (traced by dynamo alone: backend "eager", no code generated, seconds), the step is
+    one graph per batch shape, which CUDA graphs need, and gives the same text."""
     from torch._dynamo.utils import counters
 
-    model = copy.deepcopy(tiny_en)
-    model.decoder.hidden = torch.compile(model.decoder.hidden, dynamic=True, backend="eager")
+    static = dw.use_static_decoding(copy.deepcopy(tiny_en), compile=False)
+    audios = [long_audio[: 35 * SR], jfk_audio[: 3 * SR]]
+    for options in (dict(temperature=0.0), dict(temperature=0.0, beam_size=3)):
+        ref = dict(dw.transcribe_many(tiny_en, audios, batch_size=3, **options))
+        got = dict(dw.transcribe_many(static, audios, batch_size=3, **options))
+        for i in ref:
+            assert got[i]["text"] == ref[i]["text"] and _segments(got[i]) == _segments(ref[i])
+            for a, b in zip(got[i]["segments"], ref[i]["segments"]):
+                assert math.isclose(a["avg_logprob"], b["avg_logprob"], rel_tol=1e-4, abs_tol=1e-5)
+    compiled = dw.use_static_decoding(copy.deepcopy(tiny_en), backend="eager")
     counters.clear()
-    texts = [dw.transcribe(model, jfk_audio, temperature=0.0)["text"] for _ in range(2)]
+    texts = [dw.transcribe(compiled, jfk_audio, temperature=0.0)["text"] for _ in range(2)]
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1
     assert texts == [dw.transcribe(tiny_en, jfk_audio, temperature=0.0)["text"]] * 2

@@ -60,6 +60,8 @@ ARMS = {
     "dual_encoder": ["--freeze", "none"],
     "plain_kl": ["--plain", "--consistency", "1"],
     "dual_kl": ["--consistency", "1"],
+    "plain_pack": ["--plain", "--pack", "--batch_size", "1"],  # one window of clips a step, as many steps as to see
+    "dual_pack": ["--pack", "--batch_size", "1"],  # the clips the other arms see (see packed_iters)
 }
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
@@ -154,19 +156,36 @@ def make_data(args):
 # 2. training
 
 
+def packed_iters(args, data, seed):
+    """Steps of one packed window (train.py --pack --batch_size 1) that see as many clips as
+    max_iters steps of batch_size clips: the windows holding the first max_iters * batch_size
+    clips of the seed's packed stream."""
+    import train
+
+    split = train.PreparedSplit(data, "train")
+    clips, _ = train.usable_clips(split, 1 << 20, 448)
+    stream = train.PackedStream(split, clips, seed, (0.1, 1.0), None)
+    todo, windows = args.max_iters * args.batch_size, 0
+    while todo > 0:
+        todo -= len(stream[windows][2])
+        windows += 1
+    return windows
+
+
 def train_seed(args, data, seed):
     """Train every arm with this seed; returns {run name: its log records}."""
     runs = {}
     for arm in args.arms:
         name = f"{arm}-s{seed}"
         out_dir = args.out / "runs" / name
-        if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < args.max_iters:
+        iters = packed_iters(args, data, seed) if "--pack" in ARMS[arm] else args.max_iters
+        if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < iters:
             print(f"train: {name}", flush=True)
             resume = ["--resume"] if (out_dir / "latest" / "state.pt").exists() else []
             run([sys.executable, "train.py", "--data", data, "--init_from", args.init_from, "--out_dir", out_dir, "--seed", seed,
-                 "--max_iters", args.max_iters, "--batch_size", args.batch_size, "--learning_rate", args.learning_rate,
+                 "--max_iters", iters, "--batch_size", args.batch_size, "--learning_rate", args.learning_rate,
                  "--warmup_iters", args.warmup_iters, "--noise", args.train_noise, "--eval_samples", 0,
-                 "--eval_interval", args.max_iters, "--log_interval", 1, "--log_data", *ARMS[arm], *args.train_args.split(), *resume],
+                 "--eval_interval", iters, "--log_interval", 1, "--log_data", *ARMS[arm], *args.train_args.split(), *resume],
                 args.out / f"train-{name}.log")
         runs[name] = [json.loads(line) for line in open(out_dir / "log.jsonl")]
     return runs
@@ -177,10 +196,10 @@ def same_data(runs, args, seeds):
     out = {}
     for seed in seeds:
         seen = {}
-        for arm in args.arms:
+        for arm in [a for a in args.arms if "--pack" not in ARMS[a]]:  # packed arms see windows: the same clips, other batches
             steps = {r["iter"]: r.get("data") for r in runs[f"{arm}-s{seed}"] if r["event"] == "train"}  # the last record of a step wins
             seen[arm] = [steps.get(i) for i in range(1, args.max_iters + 1)]
-        first = seen[args.arms[0]]
+        first = next(iter(seen.values()), [])
         out[str(seed)] = all(s == first for s in seen.values()) and all(d is not None for d in first)
     return out
 
