@@ -178,7 +178,6 @@ def bench_long(args):
     import time
 
     import jiwer
-    import numpy as np
     import torch
 
     import dualwhisper as dw
