@@ -515,6 +515,15 @@ def test_packed_noise_fills_the_window_at_the_snr_of_its_clips(kind, corpus):
             assert len(recipe["pieces"]) == 2 and all(a <= s < a + (b - a) // 2 for (_, s), (a, b) in zip(recipe["pieces"], spans[0]))
     mel = train.log_mel((audio * 32768).round().short(), None, 80, None, keys=[1], spec_augment=True, spans=spans)
     clean = dw.log_mel_spectrogram(audio, 80)
+    # --pack_noise clip: each clip its own draw (kind, SNR), over it and the silence before it
+    mixer = dw.NoiseMixer({"white": 0.5, "pink": 0.5}, snr_db=(0.0, 20.0), seed=3)
+    added = (train.mix_per_clip(mixer, audio, [7], [[0, 3]], spans) - audio)[0]
+    pieces = [(0, spans[0][0][1]), (spans[0][0][1], dw.N_SAMPLES)]
+    for i, ((a, b), (start, end)) in enumerate(zip(spans[0], pieces)):
+        want = mixer.draw((7, i), end - start)["snr_db"]
+        snr = 10 * np.log10(float(audio[0, a:b].double().pow(2).sum() / added[a:b].double().pow(2).sum()))
+        assert abs(snr - want) < 0.1 and added[start:a].abs().mean() > 0.1 * added[a:b].abs().mean(), (i, snr, want)
+    assert mixer.draw((7, 0), 1)["snr_db"] != mixer.draw((7, 1), 1)["snr_db"]
     changed = (mel != clean).any(dim=1)[0]
     assert changed.any() and not changed[(spans[0][-1][1] + dw.HOP_LENGTH - 1) // dw.HOP_LENGTH + 1:].any(), "SpecAugment up to the last clip"
 

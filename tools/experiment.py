@@ -62,6 +62,7 @@ ARMS = {
     "dual_kl": ["--consistency", "1"],
     "plain_pack": ["--plain", "--pack", "--batch_size", "1"],  # one window of clips a step, as many steps as to see
     "dual_pack": ["--pack", "--batch_size", "1"],  # the clips the other arms see (see packed_iters)
+    "dual_pack_clip": ["--pack", "--batch_size", "1", "--pack_noise", "clip"],  # a noise draw per clip, not per window
 }
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
