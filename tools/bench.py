@@ -75,6 +75,10 @@ def bench_transcribe(args):
     runners[name] = (lambda x: dw.transcribe(ours, x, **options)["text"],
                      lambda xs: [r["text"] for _, r in sorted(dw.transcribe_many(ours, xs, batch_size=a.batch_size, **options))])
     runners["ours, one file at a time"] = (None, lambda xs: [dw.transcribe(fast, x, **options)["text"] for x in xs])
+    if device.type == "cuda":  # sample.py --compile: fixed-shape steps replayed as CUDA graphs
+        graphs = dw.use_static_decoding(dw.load_model(a.model, device=device))
+        runners["ours, CUDA graphs (--compile)"] = (lambda x: dw.transcribe(graphs, x, **options)["text"],
+                                                    lambda xs: [r["text"] for _, r in sorted(dw.transcribe_many(graphs, xs, batch_size=a.batch_size, **options))])
     try:
         import whisper
 
@@ -218,6 +222,10 @@ def bench_long(args):
         print("openai-whisper is not installed: pip install --no-deps openai-whisper (the ratios need it)")
     runners["ours, sequential (batch_size=1)"] = lambda: dw.transcribe(model, audio, **options)["text"]
     runners[f"ours, chunked, batch {a.batch_size}"] = lambda: dw.transcribe(model, audio, batch_size=a.batch_size, **options)["text"]
+    if device.type == "cuda":  # sample.py --compile: fixed-shape steps replayed as CUDA graphs
+        graphs = dw.use_static_decoding(dw.load_model(a.model, device=device))
+        dw.transcribe(graphs, audio[:60 * dw.SAMPLE_RATE], batch_size=a.batch_size, **options)  # captures outside the timing
+        runners[f"ours, chunked, batch {a.batch_size}, CUDA graphs"] = lambda: dw.transcribe(graphs, audio, batch_size=a.batch_size, **options)["text"]
     try:
         from silero_vad import get_speech_timestamps, load_silero_vad
 
