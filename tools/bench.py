@@ -175,9 +175,11 @@ def bench_long(args):
     by us sequentially (batch_size=1, openai-whisper's algorithm) and in batches of silence-cut
     chunks (transcribe(batch_size=N), sample.py --chunked), by the same chunking on Silero VAD's
     speech timestamps where the silero-vad package is importable, and by transformers' pipeline
-    (chunk_length_s=30, batch_size=N) where installed. Greedy, temperature 0, float32, the same
-    weights; each run in turn --repeat times. Prints seconds, speed against openai-whisper, and the
-    WER against the words spoken and against our sequential transcript."""
+    (chunk_length_s=30, batch_size=N) where installed. Greedy with openai-whisper's temperature
+    fallback as users decode (--no_fallback: temperature 0 alone; transformers' pipeline has none),
+    float32, the same weights, the same seed before each run; each run in turn --repeat times.
+    Prints seconds, speed against openai-whisper, and the WER against the words spoken and against
+    our sequential transcript."""
     import os
     import time
 
@@ -197,6 +199,7 @@ def bench_long(args):
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no_fallback", action="store_true", help="temperature 0 alone: no retries of a failed window")
     a = p.parse_args(args)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -208,7 +211,7 @@ def bench_long(args):
     model = dw.load_model(a.model, device=device)
     if device.type == "cpu":
         dw.use_half_precision_decoding(model)  # as sample.py does
-    options = dict(temperature=0.0)
+    options = dict(temperature=0.0) if a.no_fallback else {}
     runners = {}
     try:
         import whisper
@@ -257,11 +260,13 @@ def bench_long(args):
     except ImportError:
         pass
 
-    print(f"long: {Path(a.model).name}, float32 on {device}, {torch.get_num_threads()} threads, greedy; "
-          f"{len(audio) / dw.SAMPLE_RATE / 60:.1f} min of jfk.flac's phrases, pink noise at {a.snr} dB; best of {a.repeat}")
+    print(f"long: {Path(a.model).name}, float32 on {device}, {torch.get_num_threads()} threads, greedy"
+          f"{'' if a.no_fallback else ' with temperature fallback'}; {len(audio) / dw.SAMPLE_RATE / 60:.1f} min of jfk.flac's "
+          f"phrases, pink noise at {a.snr} dB; best of {a.repeat}")
     times, texts = {name: [] for name in runners}, {}
     for _ in range(a.repeat):
         for name, fn in runners.items():
+            torch.manual_seed(0)  # the fallback's samples
             t0 = time.perf_counter()
             texts[name] = dw.normalize_text(fn())
             times[name].append(time.perf_counter() - t0)
