@@ -2056,6 +2056,7 @@ class _Transcript:
         self.time_precision = self.input_stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
         self.clips = clips  # (start, end) in mel frames: the parts of the file to transcribe
         self.clip, self.seek = 0, self.clips[0][0]
+        self.bounded = False  # times never past the end of the clip (the chunks of a long file)
 
     def seconds(self, upto=None):
         """Seconds of audio its clips hold up to frame `upto` (default: all)."""
@@ -2134,6 +2135,11 @@ class _Transcript:
             last_word = _words_end(segments)
             if last_word is not None:
                 self.last_speech = last_word
+        if self.bounded:  # a chunk's segments and words end where the chunk ends, so that the next chunk's follow them
+            limit = self.clips[self.clip][1] * HOP_LENGTH / SAMPLE_RATE
+            for s in segments:
+                for item in [s] + s.get("words", []):
+                    item["end"] = max(item["start"], min(item["end"], limit))
         shown = [(s["start"], s["end"], s["text"]) for s in segments]
         for s in segments:  # an instantaneous or empty segment keeps its times only
             if s["start"] == s["end"] or not s["text"].strip():
@@ -2302,7 +2308,10 @@ def _file_transcripts(model, tokenizer, audio, language, rules, chunked):
     if language is None:  # one language for all chunks: detected on the first 30 s, as openai-whisper does
         (language,), _ = detect_language(model, mel[None, :, :N_FRAMES], tokenizer)
     chunks = [c for a, b in clips for c in speech_chunks(mel, min(a, frames), min(b, frames))]
-    return language, [_Transcript(model, tokenizer, mel, language, rules, [c]) for c in chunks]
+    transcripts = [_Transcript(model, tokenizer, mel, language, rules, [c]) for c in chunks]
+    for t in transcripts:
+        t.bounded = True
+    return language, transcripts
 
 
 def _joined(parts, language):
