@@ -363,8 +363,10 @@ def markdown(args, results, keys, arms):
     lines = ["# Dual against plain Whisper under noise", "",
              f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
              f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
-             f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}. Capped WER (%): a clip's errors "
-             "count at most its words.", "",
+             f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}"
+             + (" (packed arms: the same clips in the same order, packed into windows of one window a step, as many steps as "
+                "see those clips; dual_pack_clip draws noise per clip, the others per window)" if any("--pack" in ARMS[a] for a in args.arms) else "")
+             + ". Capped WER (%): a clip's errors count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(args.kinds)]
     for arm in arms:
