@@ -3,7 +3,8 @@ dualwhisper: OpenAI's Whisper in one file, with a second cross-attention branch 
 layer fused with the first by a learned gate.
 
 Sections: dimensions, the model, audio front end, tokenizer, loading and saving, noise,
-decoding, word timestamps, transcription, text normalisation, and at the end the optional CPU decoding speed-up.
+decoding, word timestamps, transcription, text normalisation, and at the end two optional
+decoding speed-ups that serve one kind of device each (x86 CPUs; CUDA graphs on GPUs).
 The names follow openai-whisper (`attn`, `cross_attn`, `attn_ln`, `mlp`, `ln_post`, ...) so that its
 state dicts load as they are; the new parts are `cross_attn2`, `cross_attn2_ln` and `gate`.
 """
@@ -1508,6 +1509,7 @@ def decode_windows(model, tokenizer, base, rows, options, languages, prompts=Non
     batch of windows, so that temperature fallback decodes again without the encoder. Each row has
     its language and its prompt (previous-text tokens); rows with prompts of different lengths are
     left-padded. gates: add each token's gate value (dual models). Returns one DecodingResult per row.
+    With model.decoding_step set (use_static_decoding), the steps after the prompt run there.
     In inference mode, which spares each of a step's few hundred small torch calls some
     bookkeeping; no tensor made here leaves it."""
     o = options
