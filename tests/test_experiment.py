@@ -137,3 +137,8 @@ def test_tiny_experiment_end_to_end(corpus, tiny_en_dir, tmp_path):
     before = (out / "results.md").read_text()
     assert experiment.main(argv) == 0
     assert (out / "results.md").read_text() == before
+    # --jobs 2: each seed in a process of its own (seed 2 evaluates its dual run again), then the same report
+    (out / "eval" / "dual-s2.json").unlink()
+    assert experiment.main(argv + ["--jobs", "2"]) == 0
+    assert (out / "results.md").read_text() == before
+    assert "dual-s2: clean" in (out / "seed-2.log").read_text() and (out / "eval" / "dual-s2.json").exists()

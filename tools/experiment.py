@@ -3,7 +3,7 @@ tools/experiment.py: does dual attention make Whisper robust to noise? Fine-tune
 Whisper from the same checkpoint on the same data, score every arm on a held-out test split under
 noise, and write the results folder.
 
-  python tools/experiment.py --quick --threads 1            # tiny.en, English corpus, sized for a 2-core CPU
+  python tools/experiment.py --quick --threads 1 --jobs 2   # tiny.en, English corpus, sized for a 2-core CPU
   python tools/experiment.py --full                         # whisper-base, Azerbaijani corpus, a GPU
   python tools/experiment.py --quick --arms plain,dual,layer,plain_kl,dual_kl --out runs/ablations
   python tools/experiment.py --data data/az --init_from openai/whisper-small --language az --max_iters 5000 --batch_size 32
@@ -106,6 +106,8 @@ def get_parser():
                                                          "evaluated so far (while a run goes on, or after it stopped)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch in every stage (0: torch's default); 1 is far "
                                                           "faster on a CPU that other jobs share, where threads wait for each other")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in a process of its own (the official row in "
+                                                       "the first seed's); on a CPU, with --threads 1, one per core")
     return p
 
 
@@ -448,6 +450,48 @@ def report(args):
     return 0
 
 
+def in_parallel(args, data, argv, t0):
+    """Each seed as `experiment.py ... --seeds S --jobs 1` in a process of its own, --jobs at a
+    time (its output in OUT/seed-S.log), then the report of all."""
+    base = [sys.executable, str(Path(__file__).resolve())] + [a for a in _without(argv, ("--seeds", "--jobs", "--data"))]
+    waiting, running = list(args.seeds), []
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            seed = waiting.pop(0)
+            extra = ["--no_official"] if seed != args.seeds[0] else []
+            log = open(args.out / f"seed-{seed}.log", "w")
+            print(f"seed {seed}: {args.out / f'seed-{seed}.log'}", flush=True)
+            running.append((seed, log, subprocess.Popen(base + ["--seeds", str(seed), "--data", str(data), *extra], stdout=log,
+                                                        stderr=subprocess.STDOUT, cwd=ROOT)))
+        time.sleep(1)
+        for item in [r for r in running if r[2].poll() is not None]:
+            seed, log, proc = item
+            running.remove(item)
+            log.close()
+            if proc.returncode != 0:
+                for _, _, other in running:
+                    other.terminate()
+                tail = (args.out / f"seed-{seed}.log").read_text().splitlines()[-15:]
+                sys.exit(f"experiment.py: error: seed {seed} failed ({proc.returncode}):\n" + "\n".join(tail))
+    args.data = str(data)
+    report(args)
+    print(f"done in {(time.time() - t0) / 60:.1f} min: {args.out}/results.json, results.md, wer_vs_snr.png", flush=True)
+    return 0
+
+
+def _without(argv, flags):
+    """argv less the given flags and their values (as --flag value or --flag=value)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in flags)):
+            out.append(a)
+    return out
+
+
 def main(argv=None):
     args = resolve(get_parser().parse_args(argv))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -460,6 +504,8 @@ def main(argv=None):
     if args.report:
         return report(args)
     data = make_data(args)
+    if args.jobs > 1 and len(args.seeds) > 1:
+        return in_parallel(args, data, argv if argv is not None else sys.argv[1:], t0)
     evals, runs, seeds = {}, {}, args.seeds
     for k, seed in enumerate(seeds):  # seed by seed, the results rewritten after each: a stop leaves the seeds done
         runs.update(train_seed(args, data, seed))
