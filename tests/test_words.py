@@ -51,20 +51,21 @@ def assert_same_words(ours, ref):
     return d_start, d_end
 
 
+def both_with_words(ours_model, ref_model, audio):
+    """(ours, openai-whisper's) greedy transcripts of `audio` with word timestamps."""
+    whisper = need("whisper")
+    ours = dw.transcribe(ours_model, audio, temperature=0.0, word_timestamps=True)
+    return ours, whisper.transcribe(ref_model, audio, temperature=0.0, fp16=False, word_timestamps=True)
+
+
 @pytest.fixture(scope="module")
 def long_words(tiny_en, openai_aligned, long_audio):
-    whisper = need("whisper")
-    ours = dw.transcribe(tiny_en, long_audio, temperature=0.0, word_timestamps=True)
-    ref = whisper.transcribe(openai_aligned, long_audio, temperature=0.0, fp16=False, word_timestamps=True)
-    return ours, ref
+    return both_with_words(tiny_en, openai_aligned, long_audio)
 
 
 @pytest.fixture(scope="module")
 def jfk_words(tiny_en, openai_aligned, jfk_audio):
-    whisper = need("whisper")
-    ours = dw.transcribe(tiny_en, jfk_audio, temperature=0.0, word_timestamps=True)
-    ref = whisper.transcribe(openai_aligned, jfk_audio, temperature=0.0, fp16=False, word_timestamps=True)
-    return ours, ref
+    return both_with_words(tiny_en, openai_aligned, jfk_audio)
 
 
 # -----------------------------------------------------------------------------
