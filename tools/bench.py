@@ -22,6 +22,19 @@ def parse_args(p, args):
     return p.parse_args(args)
 
 
+def openai_model(path, device):
+    """openai-whisper's model holding the same weights as our plain load of `path` (needs openai-whisper)."""
+    import whisper
+
+    import dualwhisper as dw
+
+    plain = dw.load_model(path, device=device, dual=False)
+    fields = whisper.model.ModelDimensions.__dataclass_fields__
+    ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k in fields}))
+    ref.load_state_dict(plain.state_dict())
+    return ref.to(device).eval()
+
+
 def bench_transcribe(args):
     """Seconds to transcribe the same audio with the same weights, greedy at temperature 0, float32:
     sample.py's transcription (dualwhisper.transcribe_many) against openai-whisper, and against
@@ -82,10 +95,7 @@ def bench_transcribe(args):
     try:
         import whisper
 
-        plain = dw.load_model(a.model, device=device, dual=False)
-        ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k in whisper.model.ModelDimensions.__dataclass_fields__}))
-        ref.load_state_dict(plain.state_dict())
-        ref = ref.to(device).eval()
+        ref = openai_model(a.model, device)
         one = lambda x: whisper.transcribe(ref, x, fp16=False, **options)["text"]
         runners["openai-whisper"] = (one, lambda xs: [one(x) for x in xs])
     except ImportError:
@@ -216,10 +226,7 @@ def bench_long(args):
     try:
         import whisper
 
-        plain = dw.load_model(a.model, device=device, dual=False)
-        ref = whisper.model.Whisper(whisper.model.ModelDimensions(**{k: v for k, v in vars(plain.dims).items() if k in whisper.model.ModelDimensions.__dataclass_fields__}))
-        ref.load_state_dict(plain.state_dict())
-        ref = ref.to(device).eval()
+        ref = openai_model(a.model, device)
         runners["openai-whisper, sequential"] = lambda: whisper.transcribe(ref, audio, fp16=False, **options)["text"]
     except ImportError:
         print("openai-whisper is not installed: pip install --no-deps openai-whisper (the ratios need it)")
