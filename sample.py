@@ -49,11 +49,12 @@ def write_atomic(path, text):
         raise
 
 
-def _cues(result, decimal_marker, max_line_width=None, max_line_count=None, highlight_words=False, max_words_per_line=None, **_):
+def _cues(result, decimal_marker, hours, max_line_width=None, max_line_count=None, highlight_words=False, max_words_per_line=None, **_):
     """(start, end, text) of each subtitle: one per segment; with word timestamps, the words laid out
     as openai-whisper's writers lay them out (lines of at most max_line_width characters, cues of
-    at most max_line_count lines, each word underlined in turn with highlight_words)."""
-    stamp = lambda t: dw.format_timestamp(t, always_include_hours=True, decimal_marker=decimal_marker)
+    at most max_line_count lines, each word underlined in turn with highlight_words). Times show
+    hours always (SRT) or from the first hour on (`hours` False: VTT)."""
+    stamp = lambda t: dw.format_timestamp(t, always_include_hours=hours, decimal_marker=decimal_marker)
     segments = result["segments"]
     if not segments or "words" not in segments[0]:
         for s in segments:
@@ -116,11 +117,11 @@ def to_txt(result, **_):
 
 
 def to_srt(result, **options):
-    return "".join(f"{i}\n{a} --> {b}\n{text}\n\n" for i, (a, b, text) in enumerate(_cues(result, ",", **options), 1))
+    return "".join(f"{i}\n{a} --> {b}\n{text}\n\n" for i, (a, b, text) in enumerate(_cues(result, ",", True, **options), 1))
 
 
 def to_vtt(result, **options):
-    return "WEBVTT\n\n" + "".join(f"{a} --> {b}\n{text}\n\n" for a, b, text in _cues(result, ".", **options))
+    return "WEBVTT\n\n" + "".join(f"{a} --> {b}\n{text}\n\n" for a, b, text in _cues(result, ".", False, **options))
 
 
 def to_tsv(result, **_):

@@ -317,7 +317,7 @@ def test_cli_bad_files_are_reported_and_the_others_complete(tiny_en_dir, jfk_pat
     assert set(seg) >= {"start", "end", "text", "tokens", "avg_logprob", "compression_ratio", "no_speech_prob", "gate"}
     assert (out / "jfk.txt").read_text().startswith("And so my fellow Americans")
     srt, vtt = (out / "jfk.srt").read_text(), (out / "jfk.vtt").read_text()
-    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and vtt.startswith("WEBVTT\n\n00:00.000 --> ")
 
 
 @pytest.mark.parametrize("args, message", [
