@@ -96,9 +96,10 @@ def get_parser():
                    help="seconds of silence before each clip of a window")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
-    g.add_argument("--pack_noise", choices=["window", "clip"], default="window",
+    g.add_argument("--pack_noise", choices=["window", "clip", "span"], default="window",
                    help="window: one noise draw fills the window at its clips' SNR; clip: a draw (kind, SNR, sources) per clip, "
-                        "each over its clip and the silence before it (the last to the window's end)")
+                        "each over its clip and the silence before it (the last to the window's end); span: a draw per clip "
+                        "over the clip alone, as padded training mixes it, the silence between clips left silent")
     g = p.add_argument_group("noise augmentation (on the device, drawn per clip from the seed and its data position)")
     g.add_argument("--noise", default=DEFAULT_NOISE, help="kind:probability per clip, comma-separated; the rest stays clean. Kinds: "
                                                           "bank (the data's noise split), white, pink, brown, babble, talker (a second "
@@ -446,15 +447,16 @@ def window_batch(split, windows, tokenizer, n_text_ctx, device, multiple=1, seed
 
 
 
-def mix_per_clip(mixer, audio, keys, exclude, spans):
+def mix_per_clip(mixer, audio, keys, exclude, spans, fill=True):
     """Packed windows (B, N_SAMPLES) with a noise draw per clip: the window cut into pieces, each
-    a clip and the silence before it (the last running to the window's end), mixed as rows of
-    their own with keys (window key, clip number), and put back."""
+    a clip and the silence before it (the last running to the window's end; fill=False: the clip
+    alone, the silence left silent), mixed as rows of their own with keys (window key, clip
+    number), and put back."""
     pieces = []  # (window, start, end, the clip's span in the piece, key, exclude)
     for b, row in enumerate(spans):
         for i, (a, e) in enumerate(row):
-            start = row[i - 1][1] if i else 0
-            end = e if i + 1 < len(row) else audio.shape[-1]
+            start = (row[i - 1][1] if i else 0) if fill else a
+            end = e if i + 1 < len(row) or not fill else audio.shape[-1]
             pieces.append((b, start, end, (a - start, e - start), (int(keys[b]), i), None if exclude is None else exclude[b]))
     if not pieces:
         return audio
@@ -504,16 +506,16 @@ def readable(split, indices, clips, unreadable):
     return out, new
 
 
-def log_mel(audio, lengths, n_mels, mixer=None, keys=None, exclude=None, spec_augment=False, seed=0, spans=None, per_clip=False):
+def log_mel(audio, lengths, n_mels, mixer=None, keys=None, exclude=None, spec_augment=False, seed=0, spans=None, pack_noise="window"):
     """int16 audio (B, N_SAMPLES) on the device -> noisy log-mel (B, n_mels, 3000), on the device.
     Packed windows give their clips' spans: the noise fills the window, its SNR measured over the
-    clips (per_clip: each clip's own draw over it and the silence before it), and SpecAugment
-    masks up to the last clip's end."""
+    clips (pack_noise "clip": each clip's own draw over it and the silence before it; "span": each
+    clip's own draw over the clip alone), and SpecAugment masks up to the last clip's end."""
     audio = audio.float() / 32768.0
     if spans is not None:
         lengths = torch.full((len(audio),), audio.shape[-1])
-    if mixer is not None and spans is not None and per_clip:
-        audio = mix_per_clip(mixer, audio, keys, exclude, spans)
+    if mixer is not None and spans is not None and pack_noise != "window":
+        audio = mix_per_clip(mixer, audio, keys, exclude, spans, fill=pack_noise == "clip")
     elif mixer is not None:
         audio = mixer(audio, lengths, keys, exclude, spans)
     mel = dw.log_mel_spectrogram(audio, n_mels)
@@ -909,7 +911,7 @@ def run(args):
         gate_sum = torch.zeros(2, device=device)  # sums of g and |g| over the target tokens, averaged over layers
         kl_sum, data = torch.zeros((), device=device, dtype=torch.float64), []
         for micro_step, (keys, exclude, audio, lengths, spans, x, y, _) in enumerate(batches):
-            mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, exclude, args.spec_augment, args.seed, spans, args.pack_noise == "clip")
+            mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, exclude, args.spec_augment, args.seed, spans, args.pack_noise)
             if args.log_data:
                 ramp = torch.arange(mel.shape[-1], device=device, dtype=torch.float64)
                 data.append([[int(k) for k in keys], mel.double().sum().item(), (mel.double() * ramp).sum().item()])

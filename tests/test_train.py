@@ -524,6 +524,13 @@ def test_packed_noise_fills_the_window_at_the_snr_of_its_clips(kind, corpus):
         snr = 10 * np.log10(float(audio[0, a:b].double().pow(2).sum() / added[a:b].double().pow(2).sum()))
         assert abs(snr - want) < 0.1 and added[start:a].abs().mean() > 0.1 * added[a:b].abs().mean(), (i, snr, want)
     assert mixer.draw((7, 0), 1)["snr_db"] != mixer.draw((7, 1), 1)["snr_db"]
+    # --pack_noise span: the same draws over each clip alone, the silence left silent
+    added = (train.mix_per_clip(mixer, audio, [7], [[0, 3]], spans, fill=False) - audio)[0]
+    for i, (a, b) in enumerate(spans[0]):
+        want = mixer.draw((7, i), b - a)["snr_db"]
+        snr = 10 * np.log10(float(audio[0, a:b].double().pow(2).sum() / added[a:b].double().pow(2).sum()))
+        assert abs(snr - want) < 0.1, (i, snr, want)
+    assert not added[~speech].any(), "no noise outside the clips"
     changed = (mel != clean).any(dim=1)[0]
     assert changed.any() and not changed[(spans[0][-1][1] + dw.HOP_LENGTH - 1) // dw.HOP_LENGTH + 1:].any(), "SpecAugment up to the last clip"
 

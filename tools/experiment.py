@@ -63,6 +63,8 @@ ARMS = {
     "plain_pack": ["--plain", "--pack", "--batch_size", "1"],  # one window of clips a step, as many steps as to see
     "dual_pack": ["--pack", "--batch_size", "1"],  # the clips the other arms see (see packed_iters)
     "dual_pack_clip": ["--pack", "--batch_size", "1", "--pack_noise", "clip"],  # a noise draw per clip, not per window
+    "dual_pack_span": ["--pack", "--batch_size", "1", "--pack_noise", "span"],  # a draw per clip over the clip alone, as padded
+    "dual_pack_text": ["--pack", "--batch_size", "1", "--pack_no_timestamps", "1"],  # every window without timestamps
 }
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
@@ -367,7 +369,8 @@ def markdown(args, results, keys, arms):
              f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}"
              + (" (packed arms: the same clips in the same order, packed into windows of one window a step, as many steps as "
-                "see those clips; dual_pack_clip draws noise per clip, the others per window)" if any("--pack" in ARMS[a] for a in args.arms) else "")
+                "see those clips; one noise draw per window, except dual_pack_clip: per clip, over it and the silence before it, "
+                "and dual_pack_span: per clip, over the clip alone)" if any("--pack" in ARMS[a] for a in args.arms) else "")
              + ". Capped WER (%): a clip's errors count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(args.kinds)]
