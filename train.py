@@ -94,6 +94,7 @@ def get_parser():
                         "and Whisper's timestamped targets (evaluation stays per clip)")
     g.add_argument("--pack_gap", type=float, nargs=2, default=[0.1, 1.0], metavar=("LOW", "HIGH"),
                    help="seconds of silence before each clip of a window")
+    g.add_argument("--pack_clips", type=int, default=0, help="most clips in a window (0: as many as fit)")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
     g.add_argument("--pack_noise", choices=["window", "clip", "span"], default="window",
@@ -210,6 +211,8 @@ def resolve(args):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must lie in [0, 1), not {getattr(args, name)}")
+    if args.pack_clips < 0:
+        raise TrainError(f"--pack_clips is a number of clips (0: as many as fit), not {args.pack_clips}")
     if not 0 <= args.pack_no_timestamps <= 1:
         raise TrainError(f"--pack_no_timestamps is a share in [0, 1], not {args.pack_no_timestamps}")
     if not 0 <= args.pack_gap[0] <= args.pack_gap[1] < dw.CHUNK_LENGTH:
@@ -312,8 +315,9 @@ class PackedStream:
     its key the stream position of its first clip: the key of its noise, SpecAugment and target
     format. Like Stream, it depends on the seed alone, never on ranks or batches."""
 
-    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448):
+    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0):
         self.stream, self.seed, self.gap, self.no_timestamps = Stream(clips, seed), seed, gap, no_timestamps
+        self.max_clips = max_clips or len(clips)
         self.lengths = {int(c): int(split.lengths[c]) for c in clips}
         self.prompts, self.n_text = {}, {}
         for c in self.lengths:  # the prompt and the number of text tokens of each clip
@@ -338,7 +342,7 @@ class PackedStream:
             tokens = self.n_text[c] + 2  # the text between its two timestamps
             w = opened.get(prompt)
             start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + gap  # on a timestamp
-            if w is not None and (start + L > dw.N_SAMPLES or w[3] + tokens > self.budget):
+            if w is not None and (start + L > dw.N_SAMPLES or w[3] + tokens > self.budget or len(w[1]) == self.max_clips):
                 closed.append(w)
                 w = None
             if w is None:
@@ -804,7 +808,8 @@ def run(args):
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)  # before the DDP wrap; checkpoints always come from raw_model
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx)
+    stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx,
+                          args.pack_clips)
               if args.pack else Stream(train_clips, args.seed))
     if resume is not None and args.pack:
         stream.counts = list(state.get("window_counts", []))  # so that the epochs before are not packed again

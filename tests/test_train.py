@@ -448,6 +448,11 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     assert [again[i] for i in reversed(range(k))][::-1] == [packed[i] for i in range(k)], "windows depend on the seed alone"
     other = train.PackedStream(split, clips, seed=4, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx)
     assert [other[i] for i in range(5)] != [packed[i] for i in range(5)]
+    # --pack_clips 2: the same clips in the same order, windows of at most two
+    pairs = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, max_clips=2)
+    first = pairs.pack_epoch(0)
+    assert max(len(w[2]) for w in first) == 2 and sorted(c for w in first for c, _ in w[2]) == sorted(clips.tolist())
+    assert len(first) > packed.counts[0]
 
 
 def test_packed_window_target_decodes_back_to_its_clips(two_languages):
@@ -578,7 +583,8 @@ def test_packed_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
 
 def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     for flags, message in ((["--pack_no_timestamps", 1.5], "--pack_no_timestamps is a share in [0, 1]"),
-                           (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH")):
+                           (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH"),
+                           (["--pack_clips", -1], "--pack_clips is a number of clips")):
         with pytest.raises(SystemExit) as e:
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))
         err = capsys.readouterr().err.strip().splitlines()

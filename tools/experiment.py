@@ -65,6 +65,7 @@ ARMS = {
     "dual_pack_clip": ["--pack", "--batch_size", "1", "--pack_noise", "clip"],  # a noise draw per clip, not per window
     "dual_pack_span": ["--pack", "--batch_size", "1", "--pack_noise", "span"],  # a draw per clip over the clip alone, as padded
     "dual_pack_text": ["--pack", "--batch_size", "1", "--pack_no_timestamps", "1"],  # every window without timestamps
+    "dual_pack2": ["--pack", "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
 }
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
@@ -161,20 +162,21 @@ def make_data(args):
 # 2. training
 
 
-def packed_iters(args, data, seed):
-    """Steps of one packed window (train.py --pack --batch_size 1) that see as many clips as
-    max_iters steps of batch_size clips: the windows holding the first max_iters * batch_size
-    clips of the seed's packed stream."""
+def packed_iters(args, data, seed, flags):
+    """Steps of a packed arm (train.py --pack with its --batch_size windows and --pack_clips, from
+    `flags`) that see as many clips as max_iters steps of batch_size clips: the windows holding the
+    first max_iters * batch_size clips of the seed's packed stream, in whole steps."""
     import train
 
+    arm = train.get_parser().parse_args([str(f) for f in flags])
     split = train.PreparedSplit(data, "train")
     clips, _ = train.usable_clips(split, 1 << 20, 448)
-    stream = train.PackedStream(split, clips, seed, (0.1, 1.0), None)
+    stream = train.PackedStream(split, clips, seed, (0.1, 1.0), None, max_clips=arm.pack_clips)
     todo, windows = args.max_iters * args.batch_size, 0
     while todo > 0:
         todo -= len(stream[windows][2])
         windows += 1
-    return windows
+    return -(-windows // arm.batch_size)
 
 
 def train_seed(args, data, seed):
@@ -183,7 +185,7 @@ def train_seed(args, data, seed):
     for arm in args.arms:
         name = f"{arm}-s{seed}"
         out_dir = args.out / "runs" / name
-        iters = packed_iters(args, data, seed) if "--pack" in ARMS[arm] else args.max_iters
+        iters = packed_iters(args, data, seed, ARMS[arm]) if "--pack" in ARMS[arm] else args.max_iters
         if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < iters:
             print(f"train: {name}", flush=True)
             resume = ["--resume"] if (out_dir / "latest" / "state.pt").exists() else []
