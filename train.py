@@ -459,8 +459,10 @@ def mix_per_clip(mixer, audio, keys, exclude, spans, fill=True):
     pieces = []  # (window, start, end, the clip's span in the piece, key, exclude)
     for b, row in enumerate(spans):
         for i, (a, e) in enumerate(row):
-            start = (row[i - 1][1] if i else 0) if fill else a
-            end = e if i + 1 < len(row) or not fill else audio.shape[-1]
+            start, end = a, e
+            if fill:  # from the previous clip's end, and the last clip to the window's end
+                start = row[i - 1][1] if i else 0
+                end = e if i + 1 < len(row) else audio.shape[-1]
             pieces.append((b, start, end, (a - start, e - start), (int(keys[b]), i), None if exclude is None else exclude[b]))
     if not pieces:
         return audio

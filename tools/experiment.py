@@ -171,7 +171,7 @@ def packed_iters(args, data, seed, flags):
     arm = train.get_parser().parse_args([str(f) for f in flags])
     split = train.PreparedSplit(data, "train")
     clips, _ = train.usable_clips(split, 1 << 20, 448)
-    stream = train.PackedStream(split, clips, seed, (0.1, 1.0), None, max_clips=arm.pack_clips)
+    stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips)
     todo, windows = args.max_iters * args.batch_size, 0
     while todo > 0:
         todo -= len(stream[windows][2])
@@ -370,8 +370,8 @@ def markdown(args, results, keys, arms):
              f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
              f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}"
-             + (" (packed arms: the same clips in the same order, packed into windows of one window a step, as many steps as "
-                "see those clips; one noise draw per window, except dual_pack_clip: per clip, over it and the silence before it, "
+             + (" (packed arms: the same clips in the same order, packed into windows, as many steps as see those clips; "
+                "one noise draw per window, except dual_pack_clip: per clip, over it and the silence before it, "
                 "and dual_pack_span: per clip, over the clip alone)" if any("--pack" in ARMS[a] for a in args.arms) else "")
              + ". Capped WER (%): a clip's errors count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
