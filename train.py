@@ -94,6 +94,8 @@ def get_parser():
                         "and Whisper's timestamped targets (evaluation stays per clip)")
     g.add_argument("--pack_gap", type=float, nargs=2, default=[0.1, 1.0], metavar=("LOW", "HIGH"),
                    help="seconds of silence before each clip of a window")
+    g.add_argument("--pack_lead", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="seconds of silence before a window's first clip (default: as --pack_gap)")
     g.add_argument("--pack_clips", type=int, default=0, help="most clips in a window (0: as many as fit)")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
@@ -215,8 +217,10 @@ def resolve(args):
         raise TrainError(f"--pack_clips is a number of clips (0: as many as fit), not {args.pack_clips}")
     if not 0 <= args.pack_no_timestamps <= 1:
         raise TrainError(f"--pack_no_timestamps is a share in [0, 1], not {args.pack_no_timestamps}")
-    if not 0 <= args.pack_gap[0] <= args.pack_gap[1] < dw.CHUNK_LENGTH:
-        raise TrainError(f"--pack_gap must be seconds LOW <= HIGH in [0, {dw.CHUNK_LENGTH}), not {args.pack_gap}")
+    for flag in ("pack_gap", "pack_lead"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value[0] <= value[1] < dw.CHUNK_LENGTH:
+            raise TrainError(f"--{flag} must be seconds LOW <= HIGH in [0, {dw.CHUNK_LENGTH}), not {value}")
     return args
 
 
@@ -315,8 +319,8 @@ class PackedStream:
     its key the stream position of its first clip: the key of its noise, SpecAugment and target
     format. Like Stream, it depends on the seed alone, never on ranks or batches."""
 
-    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0):
-        self.stream, self.seed, self.gap, self.no_timestamps = Stream(clips, seed), seed, gap, no_timestamps
+    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0, lead=None):
+        self.stream, self.seed, self.gap, self.lead, self.no_timestamps = Stream(clips, seed), seed, gap, lead, no_timestamps
         self.max_clips = max_clips or len(clips)
         self.lengths = {int(c): int(split.lengths[c]) for c in clips}
         self.prompts, self.n_text = {}, {}
@@ -327,15 +331,18 @@ class PackedStream:
         self.budget = n_text_ctx + 1  # tokens of a window's whole sequence: inputs are all but its last
         self.counts, self._epoch = [], (None, [])  # windows per packed epoch; the last epoch packed
 
-    def gaps(self, epoch):
-        """The silence before each clip of an epoch in stream order, samples in whole timestamp steps (0.02 s)."""
-        seconds = np.random.default_rng([self.seed, 3, epoch]).uniform(*self.gap, size=len(self.stream.clips))
+    def gaps(self, epoch, lead=False):
+        """The silence before each clip of an epoch in stream order, samples in whole timestamp steps
+        (0.02 s): after the clip before it, or (lead) at the start of a window."""
+        low, high = self.lead if lead and self.lead is not None else self.gap
+        seconds = np.random.default_rng([self.seed, 3 if not lead or self.lead is None else 5, epoch]).uniform(
+            low, high, size=len(self.stream.clips))
         return (seconds * dw.SAMPLE_RATE).astype(np.int64) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
 
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)
         opened, closed = {}, []  # prompt -> [key, clips, end sample, tokens]; closed windows in order
-        for i, gap in enumerate(self.gaps(epoch).tolist()):
+        for i, (gap, lead) in enumerate(zip(self.gaps(epoch).tolist(), self.gaps(epoch, lead=True).tolist())):
             position = epoch * n + i
             c = self.stream[position]
             prompt, L = self.prompts[c], self.lengths[c]
@@ -346,7 +353,7 @@ class PackedStream:
                 closed.append(w)
                 w = None
             if w is None:
-                start = min(gap, (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
+                start = min(lead, (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
                 # the prompt less <|notimestamps|>, plus <|endoftext|>
                 w = opened[prompt] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
             w[1].append((c, start))
@@ -811,7 +818,7 @@ def run(args):
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx,
-                          args.pack_clips)
+                          args.pack_clips, args.pack_lead)
               if args.pack else Stream(train_clips, args.seed))
     if resume is not None and args.pack:
         stream.counts = list(state.get("window_counts", []))  # so that the epochs before are not packed again

@@ -453,6 +453,12 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     first = pairs.pack_epoch(0)
     assert max(len(w[2]) for w in first) == 2 and sorted(c for w in first for c, _ in w[2]) == sorted(clips.tolist())
     assert len(first) > packed.counts[0]
+    # --pack_lead 0 0: a window's first clip at 0 s, the others after their gaps
+    lead0 = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, lead=(0.0, 0.0))
+    windows = lead0.pack_epoch(0)
+    assert all(w[2][0][1] == 0 for w in windows) and all(offset > 0 for w in windows for _, offset in w[2][1:])
+    assert any(w[2][0][1] > 0 for w in packed.pack_epoch(0)), "by default a window opens with a gap too"
+    assert sorted(c for w in windows for c, _ in w[2]) == sorted(clips.tolist())
 
 
 def test_packed_window_target_decodes_back_to_its_clips(two_languages):
@@ -564,6 +570,20 @@ def test_packed_training_resumes_mid_epoch_exactly(tmp_path, tokenizer, jfk_audi
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
+def test_one_clip_windows_at_zero_without_timestamps_train_as_padded(tmp_path, corpus, tiny_dir):
+    """Windows of one clip at 0 s, no timestamps, noise over the clip alone: the packed path then
+    trains exactly as padded training (the same batches, noise, SpecAugment, losses)."""
+    flags = ["--max_iters", 3, "--eval_interval", 3, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2", "--spec_augment"]
+    train_main(quick(corpus, tiny_dir, tmp_path / "padded", *flags))
+    train_main(quick(corpus, tiny_dir, tmp_path / "packed", *flags, "--pack", "--pack_clips", 1, "--pack_gap", 0, 0,
+                     "--pack_lead", 0, 0, "--pack_no_timestamps", 1, "--pack_noise", "span"))
+    padded = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "padded", "train")}
+    packed = {r["iter"]: (r["loss"], r["grad_norm"], r["clips_seen"]) for r in records(tmp_path / "packed", "train")}
+    assert padded.keys() == packed.keys() == {1, 2, 3}
+    for it in padded:
+        assert packed[it] == pytest.approx(padded[it], rel=1e-5), it
+
+
 def test_packed_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
     """The packed stream and its noise are the same for one process and for two gloo ranks."""
     flags = ["--pack", "--max_iters", 2, "--eval_interval", 2, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2", "--spec_augment"]
@@ -584,6 +604,7 @@ def test_packed_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
 def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     for flags, message in ((["--pack_no_timestamps", 1.5], "--pack_no_timestamps is a share in [0, 1]"),
                            (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH"),
+                           (["--pack_lead", -1, 0], "--pack_lead must be seconds LOW <= HIGH"),
                            (["--pack_clips", -1], "--pack_clips is a number of clips")):
         with pytest.raises(SystemExit) as e:
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))

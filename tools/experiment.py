@@ -66,6 +66,17 @@ ARMS = {
     "dual_pack_span": ["--pack", "--batch_size", "1", "--pack_noise", "span"],  # a draw per clip over the clip alone, as padded
     "dual_pack_text": ["--pack", "--batch_size", "1", "--pack_no_timestamps", "1"],  # every window without timestamps
     "dual_pack2": ["--pack", "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
+    "dual_pack1": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_no_timestamps", "1",
+                   "--pack_noise", "span"],  # one clip a window at 0, no timestamps: padded training through the packed path
+    "dual_pack1ts": ["--pack", "--batch_size", "8", "--pack_clips", "1"],  # one clip a window, as dual_pack otherwise
+    # dual_pack1 with one change each: silence before the clip, timestamped targets, noise over the window
+    "dual_pack1_lead": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0.1", "1.0",
+                        "--pack_no_timestamps", "1", "--pack_noise", "span"],
+    "dual_pack1_ts": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0", "0",
+                      "--pack_noise", "span"],
+    "dual_pack1_window": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0", "0",
+                          "--pack_no_timestamps", "1"],
+    "dual_pack_lead0": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0"],  # a window's first clip at 0 s, as a clip is transcribed
 }
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
@@ -171,7 +182,7 @@ def packed_iters(args, data, seed, flags):
     arm = train.get_parser().parse_args([str(f) for f in flags])
     split = train.PreparedSplit(data, "train")
     clips, _ = train.usable_clips(split, 1 << 20, 448)
-    stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips)
+    stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips, lead=arm.pack_lead)
     todo, windows = args.max_iters * args.batch_size, 0
     while todo > 0:
         todo -= len(stream[windows][2])
