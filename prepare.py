@@ -131,7 +131,7 @@ class PreparedSplit:
         return audio, tokens
 
     def row(self, i):
-        """id, text and language of clip i."""
+        """id, text, language and (where the source names one) speaker of clip i."""
         if self._rows is None:
             with open(self.folder / f"{self.split}.jsonl", encoding="utf-8") as f:
                 self._rows = [json.loads(line) for line in f]
@@ -416,6 +416,7 @@ class Transcripts:
 PATH_COLUMNS = ("path", "audio", "file", "audio_path", "audio_filepath", "filename")
 TEXT_COLUMNS = ("text", "sentence", "transcript", "transcription")
 LANGUAGE_COLUMNS = ("language", "lang", "locale")
+SPEAKER_COLUMNS = ("speaker", "speaker_id", "client_id", "voice")  # train.py --pack_by speaker packs a speaker's clips together
 SPLITS = ("train", "val", "test")  # a manifest's split column may name these; without one, train and val by hash
 
 
@@ -546,7 +547,8 @@ class LocalSource:
             path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             uid = row.get("id") if row.get("id") not in (None, "") else Path(rel).with_suffix("").as_posix()
             language = next((row[k] for k in LANGUAGE_COLUMNS if row.get(k) not in (None, "")), None)  # JSON rows may differ in keys
-            item = {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language}
+            speaker = next((row[k] for k in SPEAKER_COLUMNS if row.get(k) not in (None, "")), None)
+            item = {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language, "speaker": speaker}
             if c["split"] is not None:
                 if row.get(c["split"]) not in SPLITS:
                     raise PrepareError(f"{self.manifest}: row {n + 1} has split {row.get(c['split'])!r}; expected one of {', '.join(SPLITS)}")
@@ -571,13 +573,14 @@ class ParquetSource:
     Utterance ids come from `id_column`, or are "{shard name}/{row}"."""
 
     def __init__(self, name, split="train", audio_column="audio", text_column="text", id_column=None,
-                 language_column=None, revision=None):
+                 language_column=None, revision=None, speaker_column=None):
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise PrepareError("reading parquet shards needs pyarrow: pip install pyarrow") from None
         self.name, self.split, self.revision = name, split, revision
-        self.columns = {"audio": audio_column, "text": text_column, "id": id_column, "language": language_column}
+        self.columns = {"audio": audio_column, "text": text_column, "id": id_column, "language": language_column,
+                        "speaker": speaker_column}
         self.has_language = language_column is not None
         local = Path(name).expanduser()
         if local.is_dir():
@@ -621,7 +624,7 @@ class ParquetSource:
             if self.columns[role] not in schema.names:
                 raise PrepareError(f"shard {shard} has no column {self.columns[role]!r} (columns: {', '.join(schema.names)});"
                                    f" pass --hf_{role}_column")
-        for role in ("id", "language"):
+        for role in ("id", "language", "speaker"):
             if self.columns[role] is not None and self.columns[role] not in schema.names:
                 raise PrepareError(f"shard {shard} has no column {self.columns[role]!r} (columns: {', '.join(schema.names)})")
         kind = schema.field(self.columns["audio"]).type
@@ -666,12 +669,14 @@ class ParquetSource:
                     audio, texts = audio.to_pylist(), batch.column(self.columns["text"]).to_pylist()
                     ids = batch.column(self.columns["id"]).to_pylist() if self.columns["id"] else None
                     langs = batch.column(self.columns["language"]).to_pylist() if self.columns["language"] else None
+                    speakers = batch.column(self.columns["speaker"]).to_pylist() if self.columns["speaker"] else None
                     for j in range(batch.num_rows):
                         if i == shard0 and row < skip:
                             row += 1
                             continue
                         uid = ids[j] if ids and ids[j] not in (None, "") else f"{Path(self.files[i]).stem}/{row}"
-                        item = {"id": str(uid), "audio": audio[j], "text": texts[j], "language": langs[j] if langs else None}
+                        item = {"id": str(uid), "audio": audio[j], "text": texts[j], "language": langs[j] if langs else None,
+                                "speaker": speakers[j] if speakers else None}
                         row += 1
                         yield (i, row), item
                 del pf
@@ -864,7 +869,10 @@ def run_job(out, job, source, splits, label, route, settings, workers=2, max_sec
                     if reason:
                         counts[reason] += 1
                     else:
-                        writers[route(item)].add(audio, lab["tokens"], {"id": item["id"], "text": lab["text"], "language": lab["language"]})
+                        row = {"id": item["id"], "text": lab["text"], "language": lab["language"]}
+                        if item.get("speaker") not in (None, ""):
+                            row["speaker"] = str(item["speaker"])
+                        writers[route(item)].add(audio, lab["tokens"], row)
                         counts["kept"] += 1
                 if time.monotonic() - t_saved >= checkpoint_every:
                     save()
@@ -1177,7 +1185,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=dw.HelpFormatter)
     src = parser.add_argument_group("sources (one speech source, and/or --noise_dir)")
     src.add_argument("--input", "--audio_dir", dest="input", help="a folder of audio files with one manifest (JSON list, JSON lines, CSV, TSV: path, text, "
-                                     "optional language, id) or a .txt transcript beside each file; or the manifest itself")
+                                     "optional language, speaker, id) or a .txt transcript beside each file; or the manifest itself")
     src.add_argument("--transcripts", metavar="MANIFEST", help="the manifest to read, when it is not in the --input folder: "
                                                                "its paths are relative to that folder")
     src.add_argument("--hf_dataset", help="a Hugging Face dataset id (e.g. LocalDoc/azerbaijani_asr) or a local folder of its parquet shards")
@@ -1186,6 +1194,7 @@ def main(argv=None):
     src.add_argument("--hf_text_column", default="text", help="column of transcripts")
     src.add_argument("--hf_id_column", default=None, help="column of utterance ids (default: shard name and row)")
     src.add_argument("--hf_language_column", default=None, help="column of per-row languages (default: --language for all)")
+    src.add_argument("--hf_speaker_column", default=None, help="column of speaker ids (e.g. client_id), for train.py --pack_by speaker")
     src.add_argument("--hf_revision", default=None, help="dataset revision on the hub (default: the latest, pinned for a resume)")
     src.add_argument("--noise_dir", help="a folder of noise recordings: prepared into split 'noise' for augmentation")
     src.add_argument("--demo", action="store_true", help="synthesise a small English (and, with a multilingual --model, Azerbaijani) "
@@ -1250,7 +1259,7 @@ def main(argv=None):
             if args.input or args.transcripts or args.hf_dataset:
                 if args.hf_dataset:
                     source = ParquetSource(args.hf_dataset, args.hf_split, args.hf_audio_column, args.hf_text_column,
-                                           args.hf_id_column, args.hf_language_column, args.hf_revision)
+                                           args.hf_id_column, args.hf_language_column, args.hf_revision, args.hf_speaker_column)
                 else:  # --transcripts: a manifest kept apart from the audio folder
                     source = LocalSource(args.transcripts or args.input, audio_dir=args.input if args.transcripts else None)
                 prepare_speech(out, source, **speech, **common)

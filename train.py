@@ -96,6 +96,9 @@ def get_parser():
                    help="seconds of silence before each clip of a window")
     g.add_argument("--pack_lead", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="seconds of silence before a window's first clip (default: as --pack_gap)")
+    g.add_argument("--pack_by", choices=["speaker", "language"], default="language",
+                   help="speaker: a window holds clips of one speaker (prepare.py's speaker column; clips without one go by "
+                        "language); language: of one language")
     g.add_argument("--pack_clips", type=int, default=0, help="most clips in a window (0: as many as fit)")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
@@ -311,23 +314,26 @@ TIMESTAMP_SAMPLES = dw.SAMPLE_RATE // 50  # Whisper's timestamps step by 0.02 s
 
 class PackedStream:
     """Whisper's 30-second windows filled with clips of the Stream: clips of the same prompt
-    (language and task) go, in stream order, into that prompt's open window, each after a gap of
-    silence (drawn per stream position from the seed); a clip that does not fit (in samples, or in
-    decoder tokens with timestamps) closes the window and starts the next. Windows are numbered in
+    (language and task), and with by_speaker of the same speaker, go in stream order into their
+    group's open window, the first at a lead of silence and each next after a gap (both drawn per
+    stream position from the seed); a clip that does not fit (in samples, or in decoder tokens with
+    timestamps) closes the window and starts the next. Windows are numbered in
     the order they close, an epoch's last open ones in the order they opened, and never span two
     epochs, so that an epoch holds every clip once. Window k is (key, prompt, [(clip, offset)]),
     its key the stream position of its first clip: the key of its noise, SpecAugment and target
     format. Like Stream, it depends on the seed alone, never on ranks or batches."""
 
-    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0, lead=None):
+    def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0, lead=None,
+                 by_speaker=False):
         self.stream, self.seed, self.gap, self.lead, self.no_timestamps = Stream(clips, seed), seed, gap, lead, no_timestamps
         self.max_clips = max_clips or len(clips)
         self.lengths = {int(c): int(split.lengths[c]) for c in clips}
-        self.prompts, self.n_text = {}, {}
-        for c in self.lengths:  # the prompt and the number of text tokens of each clip
+        self.prompts, self.n_text, self.groups = {}, {}, {}
+        for c in self.lengths:  # the prompt, the number of text tokens and the window group of each clip
             seq = split.tokens(c)
             self.prompts[c] = prompt_of(seq, no_timestamps)
             self.n_text[c] = len(seq) - len(self.prompts[c]) - 1
+            self.groups[c] = (self.prompts[c], split.row(c).get("speaker") if by_speaker else None)
         self.budget = n_text_ctx + 1  # tokens of a window's whole sequence: inputs are all but its last
         self.counts, self._epoch = [], (None, [])  # windows per packed epoch; the last epoch packed
 
@@ -347,7 +353,7 @@ class PackedStream:
             c = self.stream[position]
             prompt, L = self.prompts[c], self.lengths[c]
             tokens = self.n_text[c] + 2  # the text between its two timestamps
-            w = opened.get(prompt)
+            w = opened.get(self.groups[c])
             start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + gap  # on a timestamp
             if w is not None and (start + L > dw.N_SAMPLES or w[3] + tokens > self.budget or len(w[1]) == self.max_clips):
                 closed.append(w)
@@ -355,7 +361,7 @@ class PackedStream:
             if w is None:
                 start = min(lead, (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
                 # the prompt less <|notimestamps|>, plus <|endoftext|>
-                w = opened[prompt] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
+                w = opened[self.groups[c]] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
             w[1].append((c, start))
             w[2], w[3] = start + L, w[3] + tokens
         closed += sorted(opened.values(), key=lambda w: w[0])
@@ -818,7 +824,7 @@ def run(args):
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx,
-                          args.pack_clips, args.pack_lead)
+                          args.pack_clips, args.pack_lead, args.pack_by == "speaker")
               if args.pack else Stream(train_clips, args.seed))
     if resume is not None and args.pack:
         stream.counts = list(state.get("window_counts", []))  # so that the epochs before are not packed again

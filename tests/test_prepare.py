@@ -144,6 +144,17 @@ def test_multilingual_prompts_and_per_row_languages(corpus, tmp_path, multilingu
     assert got["clips/c0"][3] == whisper_tokens(got["clips/c0"][0], True, "az", "translate")
 
 
+@pytest.mark.parametrize("column", ["speaker", "client_id", "voice"])
+def test_speakers_are_kept_for_packing(corpus, tmp_path, tiny_en_dir, column):
+    """A manifest's speaker column (any of its usual names) reaches the prepared rows; a row without one has none."""
+    rows = [dict(r, **{column: f"p{i % 2}" if i != 3 else ""}) for i, r in enumerate(corpus.rows)]
+    manifest = write_manifest(corpus.folder, "csv", rows)
+    assert run("--input", manifest, "--out", tmp_path / "out", "--model", tiny_en_dir, "--val_fraction", 0) == 0
+    split = pp.PreparedSplit(tmp_path / "out", "train")
+    got = {split.row(i)["id"]: split.row(i).get("speaker") for i in range(len(split))}
+    assert got == {f"clips/c{i}": (f"p{i % 2}" if i != 3 else None) for i in range(6)}
+
+
 def encoded(samples, sr, fmt):
     buf = io.BytesIO()
     sf.write(buf, samples, sr, format=fmt, subtype="PCM_16")
@@ -167,7 +178,7 @@ def parquet_dataset(tmp_path_factory):
     audio_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     for name, part in [("train-00000-of-00002", rows[:6]), ("train-00001-of-00002", rows[6:]), ("test-00000-of-00001", good[:2])]:
         table = pa.table({"audio": pa.array([{"bytes": b, "path": f"{k}.wav"} for k, (b, _) in enumerate(part)], audio_type),
-                          "text": [t for _, t in part]})
+                          "text": [t for _, t in part], "client_id": [f"speaker {k % 3}" for k in range(len(part))]})
         pq.write_table(table, folder / "data" / f"{name}.parquet", row_group_size=2)
     return SimpleNamespace(folder=folder, good=good)
 
@@ -181,6 +192,12 @@ def test_parquet_folder_like_hugging_face(parquet_dataset, tmp_path, tiny_en_dir
         samples, sr = sf.read(io.BytesIO(data), dtype="float32")
         ref = dw.resample(samples, sr, 16000)
         assert len(audio) == len(ref) and np.abs(audio / 32768 - ref).max() <= 1 / 32768
+    split = pp.PreparedSplit(tmp_path / "out", "train")
+    assert all("speaker" not in split.row(i) for i in range(len(split))), "speakers only when a column is named"
+    assert run("--hf_dataset", parquet_dataset.folder, "--out", tmp_path / "speakers", "--model", tiny_en_dir, "--val_fraction", 0,
+               "--hf_speaker_column", "client_id") == 0
+    split = pp.PreparedSplit(tmp_path / "speakers", "train")
+    assert [split.row(i)["speaker"] for i in range(len(split))] == [f"speaker {k % 3}" for k in (0, 1, 2, 3)] + [f"speaker {k % 3}" for k in (1, 2, 3)]
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["jobs"]["speech"]["dropped"] == {"undecodable_audio": 1, "missing_audio": 1, "empty_text": 1}
     assert meta["jobs"]["speech"]["seen"] == 10

@@ -372,13 +372,15 @@ def test_learning_rate_schedule():
 
 
 def packing_corpus(folder, tokenizer, clips, seed=0):
-    """A train split of clips (seconds, language, text) of quiet noise, with multilingual prompts."""
+    """A train split of clips (seconds, language, text) of quiet noise, with multilingual prompts;
+    four speakers, and every seventh clip without one."""
     rng = np.random.default_rng(seed)
     w = prepare.SplitWriter(folder, "train")
     for i, (seconds, language, text) in enumerate(clips):
         prompt = tokenizer.sot_sequence(language, "transcribe") + [tokenizer.no_timestamps]
         audio = 0.1 * rng.standard_normal(int(seconds * dw.SAMPLE_RATE)).astype(np.float32)
-        w.add(audio, prompt + tokenizer.encode(" " + text) + [tokenizer.eot], {"id": str(i), "text": text, "language": language})
+        row = {"id": str(i), "text": text, "language": language, **({"speaker": f"s{i % 4}"} if i % 7 else {})}
+        w.add(audio, prompt + tokenizer.encode(" " + text) + [tokenizer.eot], row)
     w.close()
     return prepare.PreparedSplit(folder, "train")
 
@@ -459,6 +461,28 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     assert all(w[2][0][1] == 0 for w in windows) and all(offset > 0 for w in windows for _, offset in w[2][1:])
     assert any(w[2][0][1] > 0 for w in packed.pack_epoch(0)), "by default a window opens with a gap too"
     assert sorted(c for w in windows for c, _ in w[2]) == sorted(clips.tolist())
+
+
+def test_packed_by_speaker_holds_one_speaker_a_window(two_languages):
+    """--pack_by speaker: a window holds clips of one language and one speaker (clips without a
+    speaker go by language), in stream order within that group, every clip once an epoch."""
+    tokenizer, split = two_languages
+    clips = np.arange(len(split))
+    packed = train.PackedStream(split, clips, seed=2, no_timestamps=tokenizer.no_timestamps, by_speaker=True)
+    order = [packed.stream[p] for p in range(len(clips))]
+    group = {c: (tuple(split.tokens(c)[:3].tolist()), split.row(c).get("speaker")) for c in clips.tolist()}
+    windows = packed.pack_epoch(0)
+    assert sorted(c for w in windows for c, _ in w[2]) == clips.tolist()
+    speakers = set()
+    for _, _, members in windows:
+        assert len({group[c] for c, _ in members}) == 1, "one language and speaker a window"
+        same = [c for c in order if group[c] == group[members[0][0]]]
+        at = same.index(members[0][0])
+        assert [c for c, _ in members] == same[at:at + len(members)], "consecutive clips of the group, in stream order"
+        speakers.add(group[members[0][0]][1])
+    assert None in speakers and len(speakers) == 5
+    by_language = train.PackedStream(split, clips, seed=2, no_timestamps=tokenizer.no_timestamps).pack_epoch(0)
+    assert any(len({group[c][1] for c, _ in w[2]}) > 1 for w in by_language), "by default speakers share windows"
 
 
 def test_packed_window_target_decodes_back_to_its_clips(two_languages):

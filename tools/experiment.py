@@ -68,6 +68,9 @@ ARMS = {
     "dual_pack2": ["--pack", "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
     "dual_pack1": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_no_timestamps", "1",
                    "--pack_noise", "span"],  # one clip a window at 0, no timestamps: padded training through the packed path
+    "dual_pack_lead0_span": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0", "--pack_noise", "span"],
+    "dual_pack_lead0_span_text": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "1"],
+    "dual_pack_lead0_span_ts": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "0"],
     "dual_pack1ts": ["--pack", "--batch_size", "8", "--pack_clips", "1"],  # one clip a window, as dual_pack otherwise
     # dual_pack1 with one change each: silence before the clip, timestamped targets, noise over the window
     "dual_pack1_lead": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0.1", "1.0",
@@ -116,6 +119,8 @@ def get_parser():
                                                               "a repetition loop stops there; test sentences are far shorter")
     p.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (the same audio for every model)")
     p.add_argument("--no_official", action="store_true", help="leave out the official checkpoint's row")
+    p.add_argument("--long_form", action="store_true", help="also transcribe one long file, the test clips one after another, with "
+                                                            "timestamps as `sample.py FILE` does: are there segments where the clips start?")
     p.add_argument("--report", action="store_true", help="train and evaluate nothing: write the results of the seeds and conditions "
                                                          "evaluated so far (while a run goes on, or after it stopped)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of torch in every stage (0: torch's default); 1 is far "
@@ -182,7 +187,8 @@ def packed_iters(args, data, seed, flags):
     arm = train.get_parser().parse_args([str(f) for f in flags])
     split = train.PreparedSplit(data, "train")
     clips, _ = train.usable_clips(split, 1 << 20, 448)
-    stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips, lead=arm.pack_lead)
+    stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips, lead=arm.pack_lead,
+                                by_speaker=arm.pack_by == "speaker")
     todo, windows = args.max_iters * args.batch_size, 0
     while todo > 0:
         todo -= len(stream[windows][2])
@@ -264,6 +270,29 @@ def score(refs, hyps, english):
     return out
 
 
+LONG_FORM_GAP = 1.0  # seconds of silence between the clips of the long-form file
+
+
+def long_form(model, pool, refs, english, options, seed):
+    """Timestamps on a long file: the clips of `pool` one after another, LONG_FORM_GAP s of silence
+    between, transcribed as `sample.py FILE` transcribes (openai-whisper's sequential loop, each
+    window moved on by the timestamps before it). Per clip, the nearest segment start to its own."""
+    gap = np.zeros(int(LONG_FORM_GAP * dw.SAMPLE_RATE), dtype=np.float32)
+    starts, pieces, t = [], [], 0
+    for i in range(len(pool)):
+        starts.append(t / dw.SAMPLE_RATE)
+        pieces += [pool[i], gap]
+        t += len(pool[i]) + len(gap)
+    torch.manual_seed(seed)
+    result = dw.transcribe(model, np.concatenate(pieces), **options)
+    segment_starts = np.array([s["start"] for s in result["segments"]])
+    errors = [float(np.abs(segment_starts - s).min()) if len(segment_starts) else float("inf") for s in starts]
+    counts = dw.error_counts([" ".join(refs)], [result["text"]], None if english else ["other"])
+    return {"seconds": round(t / dw.SAMPLE_RATE, 1), "clips": len(starts), "segments": len(segment_starts),
+            "within_half_second": int(sum(e <= 0.5 for e in errors)), "median_start_error": float(np.median(errors)),
+            "wer": counts["word_errors"] / max(counts["words"], 1)}
+
+
 def summarise(clips):
     errors, words = np.array([c[0] for c in clips], dtype=float), np.array([c[1] for c in clips], dtype=float)
     return {"wer": float(errors.sum() / words.sum()), "capped_wer": float(np.minimum(errors, words).sum() / words.sum()),
@@ -287,21 +316,30 @@ def evaluate_models(args, models, data):
     for name in models:
         cache_file = args.out / "eval" / f"{name}.json"
         out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    def load(name, path, dual):
+        if name not in loaded:
+            model = dw.load_model(path, device=args.device, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32, dual=dual)
+            tokenizer = dw.get_tokenizer(model)
+            languages = None if (args.language or not tokenizer.multilingual) else [r.get("language") for r in rows]
+            english = (args.language or "en") == "en" if languages is None else all(lang in (None, "en") for lang in languages)
+            options = sample.decode_options(sample.parse_args(["--eval", str(data)] + (["--language", args.language] if args.language else [])))
+            options["sample_len"] = min(args.sample_len, model.dims.n_text_ctx // 2)
+            loaded[name] = (model, languages, english, options)
+            out[name]["_params"] = sum(p.numel() for p in model.parameters())
+        return loaded[name]
+
+    def keep(name):
+        cache_file = args.out / "eval" / f"{name}.json"
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.with_suffix(".tmp").write_text(json.dumps(out[name]))
+        os.replace(cache_file.with_suffix(".tmp"), cache_file)
+
     for kind, snr, mixer in conditions(args, data, pool):
         key = kind if snr is None else f"{kind} {snr:g}"
         for name, (path, dual) in models.items():
             if key in out[name]:
                 continue
-            if name not in loaded:
-                model = dw.load_model(path, device=args.device, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32, dual=dual)
-                tokenizer = dw.get_tokenizer(model)
-                languages = None if (args.language or not tokenizer.multilingual) else [r.get("language") for r in rows]
-                english = (args.language or "en") == "en" if languages is None else all(lang in (None, "en") for lang in languages)
-                options = sample.decode_options(sample.parse_args(["--eval", str(data)] + (["--language", args.language] if args.language else [])))
-                options["sample_len"] = min(args.sample_len, model.dims.n_text_ctx // 2)
-                loaded[name] = (model, languages, english, options)
-                out[name]["_params"] = sum(p.numel() for p in model.parameters())
-            model, languages, english, options = loaded[name]
+            model, languages, english, options = load(name, path, dual)
             t0 = time.time()
             torch.manual_seed(args.eval_seed)  # the fallback's sampling: the same draws for every model and condition
             hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
@@ -310,10 +348,15 @@ def evaluate_models(args, models, data):
                               "example": hyps[0], "seconds": round(time.time() - t0, 2)}
             print(f"  {name}: {key:<12} WER {100 * out[name][key]['wer']:6.1f}%  "
                   f"capped {100 * out[name][key]['capped_wer']:5.1f}%  ({out[name][key]['seconds']:.0f} s)", flush=True)
-            cache_file = args.out / "eval" / f"{name}.json"
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.with_suffix(".tmp").write_text(json.dumps(out[name]))
-            os.replace(cache_file.with_suffix(".tmp"), cache_file)
+            keep(name)
+    for name, (path, dual) in models.items():
+        if args.long_form and "_long_form" not in out[name]:
+            model, languages, english, options = load(name, path, dual)
+            language = {"language": languages[0]} if languages and len(set(languages)) == 1 else {}
+            out[name]["_long_form"] = r = long_form(model, pool, refs, english, {**options, **language}, args.eval_seed)
+            print(f"  {name}: long form: {r['segments']} segments for {r['clips']} clips, {r['within_half_second']} within 0.5 s "
+                  f"of a clip's start, median start error {r['median_start_error']:.2f} s, WER {100 * r['wer']:.1f}%", flush=True)
+            keep(name)
     return out
 
 
@@ -399,6 +442,16 @@ def markdown(args, results, keys, arms):
         for arm, p in results["paired_vs_plain"].items():
             lines.append(f"| {arm} | {fmt(p['noisy_mean'])} | {p['seeds_better']}/{p['seeds']} | {fmt(p['per_condition']['clean'])} | "
                          + " | ".join(kind_mean(p["per_condition"], keys, kind) for kind in args.kinds) + " |")
+    with_long = [arm for arm in arms if all("_long_form" in results["evaluations"][n] for n in t[arm]["runs"])]
+    if with_long:
+        lf = {arm: [results["evaluations"][n]["_long_form"] for n in t[arm]["runs"]] for arm in with_long}
+        first = lf[with_long[0]][0]
+        lines += ["", f"Long form: the {first['clips']} test clips one after another with {LONG_FORM_GAP:g} s of silence between "
+                      f"({first['seconds']:.0f} s), transcribed with timestamps as `sample.py FILE` does (mean over seeds):", "",
+                  "| arm | segments | clips with a segment start within 0.5 s | median start error (s) | WER (%) |", "|---|---|---|---|---|"]
+        for arm, rs in lf.items():
+            lines.append(f"| {arm} | {np.mean([r['segments'] for r in rs]):.1f} | {np.mean([r['within_half_second'] for r in rs]):.1f} | "
+                         f"{np.mean([r['median_start_error'] for r in rs]):.2f} | {100 * np.mean([r['wer'] for r in rs]):.1f} |")
     for kind in args.kinds:
         cols = [k for k in keys if k.startswith(kind + " ")]
         if not cols:
