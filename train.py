@@ -95,7 +95,8 @@ def get_parser():
     g.add_argument("--pack_gap", type=float, nargs=2, default=[0.1, 1.0], metavar=("LOW", "HIGH"),
                    help="seconds of silence before each clip of a window")
     g.add_argument("--pack_lead", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="seconds of silence before a window's first clip (default: as --pack_gap)")
+                   help="seconds of silence before a window's first clip, drawn from [LOW, HIGH] and cut at 0: -1 1 "
+                        "starts half of the windows at 0 s, as a transcribed clip starts (default: as --pack_gap)")
     g.add_argument("--pack_by", choices=["speaker", "language"], default="language",
                    help="speaker: a window holds clips of one speaker (prepare.py's speaker column; clips without one go by "
                         "language); language: of one language")
@@ -220,10 +221,10 @@ def resolve(args):
         raise TrainError(f"--pack_clips is a number of clips (0: as many as fit), not {args.pack_clips}")
     if not 0 <= args.pack_no_timestamps <= 1:
         raise TrainError(f"--pack_no_timestamps is a share in [0, 1], not {args.pack_no_timestamps}")
-    for flag in ("pack_gap", "pack_lead"):
+    for flag, low in (("pack_gap", 0), ("pack_lead", -dw.CHUNK_LENGTH)):
         value = getattr(args, flag)
-        if value is not None and not 0 <= value[0] <= value[1] < dw.CHUNK_LENGTH:
-            raise TrainError(f"--{flag} must be seconds LOW <= HIGH in [0, {dw.CHUNK_LENGTH}), not {value}")
+        if value is not None and not low <= value[0] <= value[1] < dw.CHUNK_LENGTH:
+            raise TrainError(f"--{flag} must be seconds LOW <= HIGH in [{low}, {dw.CHUNK_LENGTH}), not {value}")
     return args
 
 
@@ -343,7 +344,7 @@ class PackedStream:
         low, high = self.lead if lead and self.lead is not None else self.gap
         seconds = np.random.default_rng([self.seed, 3 if not lead or self.lead is None else 5, epoch]).uniform(
             low, high, size=len(self.stream.clips))
-        return (seconds * dw.SAMPLE_RATE).astype(np.int64) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
+        return (np.maximum(seconds, 0) * dw.SAMPLE_RATE).astype(np.int64) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
 
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)

@@ -461,6 +461,9 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     assert all(w[2][0][1] == 0 for w in windows) and all(offset > 0 for w in windows for _, offset in w[2][1:])
     assert any(w[2][0][1] > 0 for w in packed.pack_epoch(0)), "by default a window opens with a gap too"
     assert sorted(c for w in windows for c, _ in w[2]) == sorted(clips.tolist())
+    half = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, lead=(-1.0, 1.0))
+    at_zero = np.mean([w[2][0][1] == 0 for w in half.pack_epoch(0)])
+    assert 0.3 < at_zero < 0.7, "--pack_lead -1 1: about half of the windows start at 0 s"
 
 
 def test_packed_by_speaker_holds_one_speaker_a_window(two_languages):
@@ -628,7 +631,7 @@ def test_packed_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
 def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     for flags, message in ((["--pack_no_timestamps", 1.5], "--pack_no_timestamps is a share in [0, 1]"),
                            (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH"),
-                           (["--pack_lead", -1, 0], "--pack_lead must be seconds LOW <= HIGH"),
+                           (["--pack_lead", 1, 0], "--pack_lead must be seconds LOW <= HIGH"),
                            (["--pack_clips", -1], "--pack_clips is a number of clips")):
         with pytest.raises(SystemExit) as e:
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))

@@ -48,6 +48,8 @@ import dualwhisper as dw  # noqa: E402
 SHARED = Path(os.environ.get("DUALWHISPER_SHARED", ROOT.parent / "shared"))
 
 # arm name -> train.py flags on top of the common ones
+PACK = ["--pack", "--batch_size", "1", "--pack_by", "language", "--pack_noise", "window", "--pack_no_timestamps", "0.5"]
+PACK1 = [*PACK, "--batch_size", "8", "--pack_clips", "1"]
 ARMS = {
     "plain": ["--plain"],
     "dual": [],
@@ -60,26 +62,28 @@ ARMS = {
     "dual_encoder": ["--freeze", "none"],
     "plain_kl": ["--plain", "--consistency", "1"],
     "dual_kl": ["--consistency", "1"],
-    "plain_pack": ["--plain", "--pack", "--batch_size", "1"],  # one window of clips a step, as many steps as to see
-    "dual_pack": ["--pack", "--batch_size", "1"],  # the clips the other arms see (see packed_iters)
-    "dual_pack_clip": ["--pack", "--batch_size", "1", "--pack_noise", "clip"],  # a noise draw per clip, not per window
-    "dual_pack_span": ["--pack", "--batch_size", "1", "--pack_noise", "span"],  # a draw per clip over the clip alone, as padded
-    "dual_pack_text": ["--pack", "--batch_size", "1", "--pack_no_timestamps", "1"],  # every window without timestamps
-    "dual_pack2": ["--pack", "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
-    "dual_pack1": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_no_timestamps", "1",
-                   "--pack_noise", "span"],  # one clip a window at 0, no timestamps: padded training through the packed path
-    "dual_pack_lead0_span": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0", "--pack_noise", "span"],
-    "dual_pack_lead0_span_text": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "1"],
-    "dual_pack_lead0_span_ts": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "0"],
-    "dual_pack1ts": ["--pack", "--batch_size", "8", "--pack_clips", "1"],  # one clip a window, as dual_pack otherwise
-    # dual_pack1 with one change each: silence before the clip, timestamped targets, noise over the window
-    "dual_pack1_lead": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0.1", "1.0",
-                        "--pack_no_timestamps", "1", "--pack_noise", "span"],
-    "dual_pack1_ts": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0", "0",
-                      "--pack_noise", "span"],
-    "dual_pack1_window": ["--pack", "--batch_size", "8", "--pack_clips", "1", "--pack_gap", "0", "0", "--pack_lead", "0", "0",
-                          "--pack_no_timestamps", "1"],
-    "dual_pack_lead0": ["--pack", "--batch_size", "1", "--pack_lead", "0", "0"],  # a window's first clip at 0 s, as a clip is transcribed
+    # packing (train.py --pack): one window a step (dual_pack2: 4, dual_pack1*: 8), as many steps as see the clips the
+    # padded arms see (packed_iters). Every flag that makes an arm is spelled out, so that a change of train.py's
+    # defaults leaves the arms as they were measured.
+    "plain_pack": [*PACK, "--plain"],
+    "dual_pack": PACK,  # windows of clips of one language, noise over the window, the first clip after a gap
+    "dual_pack_clip": [*PACK, "--pack_noise", "clip"],  # a noise draw per clip, over it and the silence before it
+    "dual_pack_span": [*PACK, "--pack_noise", "span"],  # a draw per clip over the clip alone, as padded training mixes it
+    "dual_pack_text": [*PACK, "--pack_no_timestamps", "1"],  # every window without timestamps
+    "dual_pack2": [*PACK, "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
+    "dual_pack_lead0": [*PACK, "--pack_lead", "0", "0"],  # a window's first clip at 0 s, as a clip is transcribed
+    "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
+    "dual_pack_lead0_span_text": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "1"],
+    "dual_pack_lead0_span_ts": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "0"],
+    "dual_pack_speaker": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_by", "speaker"],  # one speaker a window
+    "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],  # half at 0 s
+    # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
+    # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
+    "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
+    "dual_pack1_lead": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0.1", "1.0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
+    "dual_pack1_ts": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_noise", "span"],
+    "dual_pack1_window": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "window"],
+    "dual_pack1ts": PACK1,
 }
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
@@ -424,9 +428,8 @@ def markdown(args, results, keys, arms):
              f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
              f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}"
-             + (" (packed arms: the same clips in the same order, packed into windows, as many steps as see those clips; "
-                "one noise draw per window, except dual_pack_clip: per clip, over it and the silence before it, "
-                "and dual_pack_span: per clip, over the clip alone)" if any("--pack" in ARMS[a] for a in args.arms) else "")
+             + (" (packed arms: windows of clips from the same stream, as many steps as see as many clips; each arm's "
+                "train.py flags are in tools/experiment.py)" if any("--pack" in ARMS[a] for a in args.arms) else "")
              + ". Capped WER (%): a clip's errors count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(args.kinds)]
