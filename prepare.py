@@ -1076,7 +1076,8 @@ def generate_sentences(language, n, seed=0):
 
 def make_corpus_source(folder, languages, hours, seed=0, workers=2, log=log):
     """Speak generated sentences into folder/{language}/*.wav with folder/metadata.csv (id, path,
-    text, language, split, voice): each distinct sentence once, in the split its text hashes to,
+    text, language, split, voice, and speaker: the voice's variant, its timbre whatever the
+    accent): each distinct sentence once, in the split its text hashes to,
     by a voice of that split (TEST_VARIANTS for test, the other variants for train and val) at a
     drawn rate and pitch. Then noise recordings: folder/noise (training) and folder/noise_test."""
     if shutil.which("espeak-ng") is None:
@@ -1098,7 +1099,7 @@ def make_corpus_source(folder, languages, hours, seed=0, workers=2, log=log):
             voice = f"{rng.choice(CORPUS_VOICES[lang])}+{variant}"
             uid = f"{lang}-{i:06d}-{variant}"
             rel = f"{lang}/{uid}.wav"
-            rows.append({"id": uid, "path": rel, "text": text, "language": lang, "split": split, "voice": voice})
+            rows.append({"id": uid, "path": rel, "text": text, "language": lang, "split": split, "voice": voice, "speaker": variant})
             if not (folder / rel).exists():
                 todo.append((folder / rel, ["-v", voice, "-s", str(rng.randint(130, 190)), "-p", str(rng.randint(20, 80))], text))
     if todo:

@@ -6,7 +6,7 @@ train.py: fine-tune dual-attention Whisper from official weights on prepared dat
   torchrun --standalone --nproc_per_node=8 train.py --data data/az ...        # one node, 8 GPUs
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
   python train.py --out_dir out/az --resume       # go on after a stop or a kill
-  python train.py --pack --batch_size 1           # windows of several clips with timestamps: several times the clips/s
+  python train.py --pack --batch_size 1           # windows of one speaker's clips with timestamps: about 5x the clips/s
 
 The file reads top to bottom: config, setup, data, model, optimizer, evaluation, then the loop.
 A run folder holds latest/ (weights plus everything a resume needs) and best/ (the best evaluation
@@ -90,20 +90,20 @@ def get_parser():
                                                                   "on the noisy audio, per target token (plain and dual alike)")
     g = p.add_argument_group("packing: short clips filled into Whisper's 30-second windows, each a timestamped segment")
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
-                   help="train on windows of several clips of one language, in stream order, with silence between them, "
-                        "and Whisper's timestamped targets (evaluation stays per clip)")
+                   help="train on windows of several clips of one speaker (or language, --pack_by), in stream order, with "
+                        "silence between them, and Whisper's timestamped targets (evaluation stays per clip)")
     g.add_argument("--pack_gap", type=float, nargs=2, default=[0.1, 1.0], metavar=("LOW", "HIGH"),
                    help="seconds of silence before each clip of a window")
-    g.add_argument("--pack_lead", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+    g.add_argument("--pack_lead", type=float, nargs=2, default=[-1.0, 1.0], metavar=("LOW", "HIGH"),
                    help="seconds of silence before a window's first clip, drawn from [LOW, HIGH] and cut at 0: -1 1 "
-                        "starts half of the windows at 0 s, as a transcribed clip starts (default: as --pack_gap)")
-    g.add_argument("--pack_by", choices=["speaker", "language"], default="language",
+                        "starts half of the windows at 0 s, as a transcribed clip starts, and half after up to 1 s")
+    g.add_argument("--pack_by", choices=["speaker", "language"], default="speaker",
                    help="speaker: a window holds clips of one speaker (prepare.py's speaker column; clips without one go by "
                         "language); language: of one language")
     g.add_argument("--pack_clips", type=int, default=0, help="most clips in a window (0: as many as fit)")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
-    g.add_argument("--pack_noise", choices=["window", "clip", "span"], default="window",
+    g.add_argument("--pack_noise", choices=["window", "clip", "span"], default="span",
                    help="window: one noise draw fills the window at its clips' SNR; clip: a draw (kind, SNR, sources) per clip, "
                         "each over its clip and the silence before it (the last to the window's end); span: a draw per clip "
                         "over the clip alone, as padded training mixes it, the silence between clips left silent")
@@ -181,7 +181,9 @@ def parse_config(argv=None):
         ckpt = find_latest(args.out_dir)
         if ckpt is None:
             raise TrainError(f"--resume: no checkpoint in {args.out_dir} (expected {args.out_dir}/latest/state.pt)")
-        stored = {"pack": False, **json.loads((ckpt / "config.json").read_text())["train_config"]}  # runs from before --pack are padded
+        # a run from before a flag existed resumes as it was trained: padded, or packed as --pack first packed
+        before = {"pack": False, "pack_noise": "window", "pack_lead": None, "pack_by": "language", "pack_clips": 0}
+        stored = {**before, **json.loads((ckpt / "config.json").read_text())["train_config"]}
         defaults.update(checked_values({k: v for k, v in stored.items() if k not in ("resume", "config")}, parser, f"{ckpt}/config.json"))
     if args.config:
         defaults.update(read_config_file(args.config, parser))

@@ -53,6 +53,7 @@ def test_corpus_test_split_shares_no_sentence_and_no_voice_with_training(corpus)
         rows = [ps.row(i) for i in range(len(ps))]
         texts[split] = {r["text"].lower() for r in rows}
         voices[split] = {r["id"].rsplit("-", 1)[1] for r in rows}  # the id ends in the espeak-ng variant
+        assert all(r["speaker"] == r["id"].rsplit("-", 1)[1] for r in rows), "the speaker (for --pack_by speaker): the variant"
     assert not texts["test"] & (texts["train"] | texts["val"])
     assert not texts["val"] & texts["train"]
     assert not voices["test"] & (voices["train"] | voices["val"])

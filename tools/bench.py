@@ -354,7 +354,9 @@ def bench_train(args):
                   for k, m in models.items()}
 
     clips = np.arange(len(split))
-    windows = train.PackedStream(split, clips, 0, no_timestamps=tokenizer.no_timestamps, n_text_ctx=ours.dims.n_text_ctx)
+    d = train.get_parser().parse_args([])  # train.py's packing defaults
+    windows = train.PackedStream(split, clips, 0, d.pack_gap, tokenizer.no_timestamps, ours.dims.n_text_ctx, lead=d.pack_lead,
+                                 by_speaker=d.pack_by == "speaker")
     batches = []  # per step: {name: (noise keys, excluded clips, clips, batch)}
     for s in range(a.steps + 1):
         indices = [int(clips[(s * a.batch_size + b) % len(clips)]) for b in range(a.batch_size)]
@@ -367,7 +369,7 @@ def bench_train(args):
     def step(name, keys, exclude, batch):
         """One training step of train.py's loop."""
         audio, lengths, spans, x, y = batch
-        mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=keys, exclude=exclude, spans=spans)
+        mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=keys, exclude=exclude, spans=spans, pack_noise=d.pack_noise)
         with autocast:
             loss = loss_of[name](mel, x, y)
         loss.backward()

@@ -75,8 +75,8 @@ ARMS = {
     "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
     "dual_pack_lead0_span_text": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "1"],
     "dual_pack_lead0_span_ts": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "0"],
-    "dual_pack_speaker": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_by", "speaker"],  # one speaker a window
-    "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],  # half at 0 s
+    # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults
+    "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
     # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
     "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
