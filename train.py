@@ -6,7 +6,7 @@ train.py: fine-tune dual-attention Whisper from official weights on prepared dat
   torchrun --standalone --nproc_per_node=8 train.py --data data/az ...        # one node, 8 GPUs
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
   python train.py --out_dir out/az --resume       # go on after a stop or a kill
-  python train.py --pack --batch_size 1           # windows of one speaker's clips with timestamps: about 5x the clips/s
+  python train.py --pack --batch_size 1           # windows of one speaker's clips with timestamps: 6-7x the clips/s
 
 The file reads top to bottom: config, setup, data, model, optimizer, evaluation, then the loop.
 A run folder holds latest/ (weights plus everything a resume needs) and best/ (the best evaluation
@@ -343,14 +343,16 @@ class PackedStream:
     def gaps(self, epoch, lead=False):
         """The silence before each clip of an epoch in stream order, samples in whole timestamp steps
         (0.02 s): after the clip before it, or (lead) at the start of a window."""
-        low, high = self.lead if lead and self.lead is not None else self.gap
-        seconds = np.random.default_rng([self.seed, 3 if not lead or self.lead is None else 5, epoch]).uniform(
-            low, high, size=len(self.stream.clips))
+        if lead and self.lead is not None:
+            (low, high), draw = self.lead, 5
+        else:  # between clips, or a lead drawn as the gaps are
+            (low, high), draw = self.gap, 3
+        seconds = np.random.default_rng([self.seed, draw, epoch]).uniform(low, high, size=len(self.stream.clips))
         return (np.maximum(seconds, 0) * dw.SAMPLE_RATE).astype(np.int64) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES
 
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)
-        opened, closed = {}, []  # prompt -> [key, clips, end sample, tokens]; closed windows in order
+        opened, closed = {}, []  # group -> [key, clips, end sample, tokens]; closed windows in order
         for i, (gap, lead) in enumerate(zip(self.gaps(epoch).tolist(), self.gaps(epoch, lead=True).tolist())):
             position = epoch * n + i
             c = self.stream[position]
