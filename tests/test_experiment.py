@@ -143,3 +143,14 @@ def test_tiny_experiment_end_to_end(corpus, tiny_en_dir, tmp_path):
     assert experiment.main(argv + ["--jobs", "2"]) == 0
     assert (out / "results.md").read_text() == before
     assert "dual-s2: clean" in (out / "seed-2.log").read_text() and (out / "eval" / "dual-s2.json").exists()
+    # --long_form: one file of the test clips with timestamps, per model, in the results and the report
+    assert experiment.main(argv + ["--long_form"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    lengths = [len(prepare.PreparedSplit(corpus, "test").audio(i)) / 16000 for i in range(2)]
+    for name, evaluation in results["evaluations"].items():
+        r = evaluation["_long_form"]
+        assert r["clips"] == 2 and r["seconds"] == pytest.approx(sum(lengths) + 2 * experiment.LONG_FORM_GAP, abs=0.1), name
+    official = results["evaluations"]["official"]["_long_form"]
+    assert official["segments"] >= 1 and official["within_half_second"] >= 1, "the first clip starts the file, as its first segment"
+    report = (out / "results.md").read_text()
+    assert "Long form" in report and all(f"| {arm} | " in report.split("Long form")[1] for arm in ("official", "plain", "dual"))
