@@ -73,8 +73,6 @@ ARMS = {
     "dual_pack2": [*PACK, "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
     "dual_pack_lead0": [*PACK, "--pack_lead", "0", "0"],  # a window's first clip at 0 s, as a clip is transcribed
     "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
-    "dual_pack_lead0_span_text": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "1"],
-    "dual_pack_lead0_span_ts": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span", "--pack_no_timestamps", "0"],
     # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults
     "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
