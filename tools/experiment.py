@@ -71,7 +71,6 @@ ARMS = {
     "dual_pack_span": [*PACK, "--pack_noise", "span"],  # a draw per clip over the clip alone, as padded training mixes it
     "dual_pack_text": [*PACK, "--pack_no_timestamps", "1"],  # every window without timestamps
     "dual_pack2": [*PACK, "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
-    "dual_pack_lead0": [*PACK, "--pack_lead", "0", "0"],  # a window's first clip at 0 s, as a clip is transcribed
     "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
     # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults
     "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],
