@@ -317,6 +317,7 @@ def evaluate_models(args, models, data):
     for name in models:
         cache_file = args.out / "eval" / f"{name}.json"
         out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+
     def load(name, path, dual):
         if name not in loaded:
             model = dw.load_model(path, device=args.device, dtype=torch.float16 if args.device.startswith("cuda") else torch.float32, dual=dual)
