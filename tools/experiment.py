@@ -74,6 +74,9 @@ ARMS = {
     "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
     # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults
     "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],
+    # the defaults with twice the learning rate, or windows of at most 4 clips, 2 a step
+    "dual_pack_lr2": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker", "--learning_rate", "2e-4"],
+    "dual_pack4": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker", "--batch_size", "2", "--pack_clips", "4"],
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
     # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
     "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
