@@ -50,6 +50,7 @@ SHARED = Path(os.environ.get("DUALWHISPER_SHARED", ROOT.parent / "shared"))
 # arm name -> train.py flags on top of the common ones
 PACK = ["--pack", "--batch_size", "1", "--pack_by", "language", "--pack_noise", "window", "--pack_no_timestamps", "0.5"]
 PACK1 = [*PACK, "--batch_size", "8", "--pack_clips", "1"]
+PACK_DEFAULTS = [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"]  # train.py's --pack defaults
 ARMS = {
     "plain": ["--plain"],
     "dual": [],
@@ -73,10 +74,10 @@ ARMS = {
     "dual_pack2": [*PACK, "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
     "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
     # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults
-    "dual_pack_speaker_lead": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"],
+    "dual_pack_speaker_lead": PACK_DEFAULTS,
     # the defaults with twice the learning rate, or windows of at most 4 clips, 2 a step
-    "dual_pack_lr2": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker", "--learning_rate", "2e-4"],
-    "dual_pack4": [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker", "--batch_size", "2", "--pack_clips", "4"],
+    "dual_pack_lr2": [*PACK_DEFAULTS, "--learning_rate", "2e-4"],
+    "dual_pack4": [*PACK_DEFAULTS, "--batch_size", "2", "--pack_clips", "4"],
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
     # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
     "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
