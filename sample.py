@@ -197,10 +197,13 @@ def noise_bank(folder):
     return recordings
 
 
-def transcribe_pool(model, pool, mixer, languages, batch_size, options, what="the set"):
+def transcribe_pool(model, pool, mixer, languages, batch_size, options, what="the set", lead=0):
     """The text of every clip of `pool` (a _Clips) with the noise of `mixer` (None: clean), a
-    clip never mixed with itself; decoded as transcribe_many decodes files."""
-    audios = (pool[i] if mixer is None else mixer(torch.from_numpy(pool[i])[None], [len(pool[i])], [i], exclude=[i])[0].numpy()
+    clip never mixed with itself, after `lead` samples of silence; decoded as transcribe_many
+    decodes files."""
+    silence = np.zeros(lead, dtype=np.float32)
+    audios = (np.concatenate([silence, pool[i] if mixer is None else
+                              mixer(torch.from_numpy(pool[i])[None], [len(pool[i])], [i], exclude=[i])[0].numpy()])
               for i in range(len(pool)))
     hyps = [None] * len(pool)
     progress = False if sys.stderr.isatty() else None  # a progress bar on a terminal

@@ -154,3 +154,16 @@ def test_tiny_experiment_end_to_end(corpus, tiny_en_dir, tmp_path):
     assert official["segments"] >= 1 and official["within_half_second"] >= 1, "the first clip starts the file, as its first segment"
     report = (out / "results.md").read_text()
     assert "Long form" in report and all(f"| {arm} | " in report.split("Long form")[1] for arm in ("official", "plain", "dual"))
+    # --offset: every test clip after silence, in an out folder of its own (one with other offsets is refused)
+    with pytest.raises(SystemExit, match="give this offset an --out of its own"):
+        experiment.main(argv + ["--offset", "1"])
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    (shifted / "runs").symlink_to(out / "runs")
+    at = {flag: i for i, flag in enumerate(argv)}
+    argv1 = list(argv)
+    argv1[at["--out"] + 1], argv1[at["--arms"] + 1], argv1[at["--seeds"] + 1] = str(shifted), "dual", "1"
+    assert experiment.main(argv1 + ["--offset", "1", "--no_official"]) == 0
+    results = json.loads((shifted / "results.json").read_text())
+    assert set(results["evaluations"]) == {"dual-s1"} and results["evaluations"]["dual-s1"]["_offset"] == 1.0
+    assert "after 1 s of silence" in (shifted / "results.md").read_text()

@@ -445,3 +445,28 @@ def test_eval_noise_folder_and_a_set_without_texts(tiny_en_dir, jfk_audio, tmp_p
     assert sample.main(["--eval", str(tmp_path / "prepared"), "--model", str(tiny_en_dir)]) == 2
     assert "no clip has a reference text" in capsys.readouterr().err
 
+
+
+def test_pool_clips_after_a_lead_of_silence_keep_their_noise_over_the_clip(monkeypatch):
+    class Split:  # a prepared split's int16 clips
+        def audio(self, i):
+            return np.full(800 + 400 * i, 3277 * (-1) ** i, np.int16)
+
+    pool = sample._Clips(Split(), 2)
+    clips = [pool[0], pool[1]]
+    mixer = dw.NoiseMixer.fixed("white", 0.0, seed=3)
+    seen = {}
+
+    def fake_transcribe_many(model, audios, **kwargs):
+        for i, a in enumerate(audios):
+            seen[i] = a
+            yield i, {"text": f"clip {i}"}
+
+    monkeypatch.setattr(dw, "transcribe_many", fake_transcribe_many)
+    assert sample.transcribe_pool(None, pool, mixer, None, 2, {}, lead=160) == ["clip 0", "clip 1"]
+    for i, clip in enumerate(clips):
+        noisy = mixer(torch.from_numpy(clip)[None], [len(clip)], [i], exclude=[i])[0].numpy()
+        assert len(seen[i]) == 160 + len(clip)
+        assert not seen[i][:160].any(), "the lead is silence: no noise before the clip"
+        np.testing.assert_array_equal(seen[i][160:], noisy)
+        assert not np.array_equal(noisy, clip)

@@ -78,6 +78,10 @@ ARMS = {
     # the defaults with twice the learning rate, or windows of at most 4 clips, 2 a step
     "dual_pack_lr2": [*PACK_DEFAULTS, "--learning_rate", "2e-4"],
     "dual_pack4": [*PACK_DEFAULTS, "--batch_size", "2", "--pack_clips", "4"],
+    # the defaults with the encoder trained too, as dual_encoder
+    "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
+    # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
+    "dual_pack_x6": PACK_DEFAULTS,
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
     # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
     "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
@@ -86,6 +90,7 @@ ARMS = {
     "dual_pack1_window": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "window"],
     "dual_pack1ts": PACK1,
 }
+CLIPS_SEEN = {"dual_pack_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
@@ -123,6 +128,9 @@ def get_parser():
     p.add_argument("--sample_len", type=int, default=None, help="most tokens a decoding try samples (sample.py: n_text_ctx / 2): "
                                                               "a repetition loop stops there; test sentences are far shorter")
     p.add_argument("--eval_seed", type=int, default=0, help="seed of the evaluation noise (the same audio for every model)")
+    p.add_argument("--offset", type=float, default=0.0, help="seconds of silence before every test clip (its noise over the clip "
+                                                              "alone): the clip later in the window, as a longer recording's window "
+                                                              "holds speech, not at 0 s as a short file's; use its own --out")
     p.add_argument("--no_official", action="store_true", help="leave out the official checkpoint's row")
     p.add_argument("--long_form", action="store_true", help="also transcribe one long file, the test clips one after another, with "
                                                             "timestamps as `sample.py FILE` does: are there segments where the clips start?")
@@ -183,10 +191,10 @@ def make_data(args):
 # 2. training
 
 
-def packed_iters(args, data, seed, flags):
+def packed_iters(args, data, seed, flags, times=1):
     """Steps of a packed arm (train.py --pack with its --batch_size windows and --pack_clips, from
-    `flags`) that see as many clips as max_iters steps of batch_size clips: the windows holding the
-    first max_iters * batch_size clips of the seed's packed stream, in whole steps."""
+    `flags`) that see `times` as many clips as max_iters steps of batch_size clips: the windows
+    holding the first times * max_iters * batch_size clips of the seed's packed stream, in whole steps."""
     import train
 
     arm = train.get_parser().parse_args([str(f) for f in flags])
@@ -194,7 +202,7 @@ def packed_iters(args, data, seed, flags):
     clips, _ = train.usable_clips(split, 1 << 20, 448)
     stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips, lead=arm.pack_lead,
                                 by_speaker=arm.pack_by == "speaker")
-    todo, windows = args.max_iters * args.batch_size, 0
+    todo, windows = times * args.max_iters * args.batch_size, 0
     while todo > 0:
         todo -= len(stream[windows][2])
         windows += 1
@@ -207,7 +215,7 @@ def train_seed(args, data, seed):
     for arm in args.arms:
         name = f"{arm}-s{seed}"
         out_dir = args.out / "runs" / name
-        iters = packed_iters(args, data, seed, ARMS[arm]) if "--pack" in ARMS[arm] else args.max_iters
+        iters = packed_iters(args, data, seed, ARMS[arm], CLIPS_SEEN.get(arm, 1)) if "--pack" in ARMS[arm] else args.max_iters
         if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < iters:
             print(f"train: {name}", flush=True)
             resume = ["--resume"] if (out_dir / "latest" / "state.pt").exists() else []
@@ -320,7 +328,10 @@ def evaluate_models(args, models, data):
     out, loaded = {}, {}
     for name in models:
         cache_file = args.out / "eval" / f"{name}.json"
-        out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {"_offset": args.offset}
+        if out[name].get("_offset", 0.0) != args.offset:
+            sys.exit(f"experiment.py: error: {cache_file} holds clips at {out[name].get('_offset', 0.0):g} s, not "
+                     f"--offset {args.offset:g}: give this offset an --out of its own")
 
     def load(name, path, dual):
         if name not in loaded:
@@ -348,7 +359,8 @@ def evaluate_models(args, models, data):
             model, languages, english, options = load(name, path, dual)
             t0 = time.time()
             torch.manual_seed(args.eval_seed)  # the fallback's sampling: the same draws for every model and condition
-            hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}")
+            hyps = sample.transcribe_pool(model, pool, mixer, languages, args.eval_batch, options, what=f"{data} {split}",
+                                          lead=round(args.offset * dw.SAMPLE_RATE))
             clips = score(refs, hyps, english)
             out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
                               "example": hyps[0], "seconds": round(time.time() - t0, 2)}
@@ -426,12 +438,14 @@ def fmt(ms, scale=100, digits=1):
 def markdown(args, results, keys, arms):
     t = results["arms"]
     n_clips = results["evaluations"][t[arms[-1]]["runs"][0]]["clean"]["clips"]
+    offset = results["evaluations"][t[arms[-1]]["runs"][0]].get("_offset", 0.0)
     lines = ["# Dual against plain Whisper under noise", "",
              f"{args.init_from}, {args.max_iters} steps of {args.batch_size} clips, seeds {', '.join(map(str, args.seeds))} "
              f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}"
              + (" (packed arms: windows of clips from the same stream, as many steps as see as many clips; each arm's "
                 "train.py flags are in tools/experiment.py)" if any("--pack" in ARMS[a] for a in args.arms) else "")
+             + (f"; every test clip after {offset:g} s of silence" if offset else "")
              + ". Capped WER (%): a clip's errors count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
              "|---|---|---|---|---|" + "---|" * len(args.kinds)]
