@@ -444,7 +444,9 @@ def markdown(args, results, keys, arms):
              f"(mean ± standard deviation over seeds), {n_clips} test clips of {results['data']}, bank noise from {results['bank_split']}; "
              f"same clips and noise for every arm of a seed: {results['same_data_per_seed']}"
              + (" (packed arms: windows of clips from the same stream, as many steps as see as many clips; each arm's "
-                "train.py flags are in tools/experiment.py)" if any("--pack" in ARMS[a] for a in args.arms) else "")
+                "train.py flags are in tools/experiment.py" + "".join(f"; {a}: {CLIPS_SEEN[a]} times as many clips" for a in args.arms
+                                                                      if a in CLIPS_SEEN) + ")"
+                if any("--pack" in ARMS[a] for a in args.arms) else "")
              + (f"; every test clip after {offset:g} s of silence" if offset else "")
              + ". Capped WER (%): a clip's errors count at most its words.", "",
              "| arm | parameters | s/step | clean | noisy mean | " + " | ".join(args.kinds) + " |",
