@@ -546,8 +546,9 @@ class LocalSource:
             rel = str(row[c["path"]])
             path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
             uid = row.get("id") if row.get("id") not in (None, "") else Path(rel).with_suffix("").as_posix()
-            language = next((row[k] for k in LANGUAGE_COLUMNS if row.get(k) not in (None, "")), None)  # JSON rows may differ in keys
-            speaker = next((row[k] for k in SPEAKER_COLUMNS if row.get(k) not in (None, "")), None)
+            # the first of the usual column names with a value (JSON rows may differ in keys)
+            language, speaker = (next((row[k] for k in names if row.get(k) not in (None, "")), None)
+                                 for names in (LANGUAGE_COLUMNS, SPEAKER_COLUMNS))
             item = {"id": str(uid), "audio": path, "text": row[c["text"]], "language": language, "speaker": speaker}
             if c["split"] is not None:
                 if row.get(c["split"]) not in SPLITS:

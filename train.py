@@ -340,6 +340,12 @@ class PackedStream:
         self.budget = n_text_ctx + 1  # tokens of a window's whole sequence: inputs are all but its last
         self.counts, self._epoch = [], (None, [])  # windows per packed epoch; the last epoch packed
 
+    @classmethod
+    def of_flags(cls, split, clips, seed, args, no_timestamps=None, n_text_ctx=448):
+        """The packed stream that train.py's --pack_* flags (parsed into `args`) make."""
+        return cls(split, clips, seed, args.pack_gap, no_timestamps, n_text_ctx, args.pack_clips, args.pack_lead,
+                   args.pack_by == "speaker")
+
     def gaps(self, epoch, lead=False):
         """The silence before each clip of an epoch in stream order, samples in whole timestamp steps
         (0.02 s): after the clip before it, or (lead) at the start of a window."""
@@ -353,7 +359,9 @@ class PackedStream:
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)
         opened, closed = {}, []  # group -> [key, clips, end sample, tokens]; closed windows in order
-        for i, (gap, lead) in enumerate(zip(self.gaps(epoch).tolist(), self.gaps(epoch, lead=True).tolist())):
+        gaps = self.gaps(epoch).tolist()
+        leads = self.gaps(epoch, lead=True).tolist() if self.lead is not None else gaps  # without --pack_lead, drawn as the gaps
+        for i, (gap, lead) in enumerate(zip(gaps, leads)):
             position = epoch * n + i
             c = self.stream[position]
             prompt, L = self.prompts[c], self.lengths[c]
@@ -828,8 +836,7 @@ def run(args):
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)  # before the DDP wrap; checkpoints always come from raw_model
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    stream = (PackedStream(train_split, train_clips, args.seed, args.pack_gap, tokenizer.no_timestamps, dims.n_text_ctx,
-                          args.pack_clips, args.pack_lead, args.pack_by == "speaker")
+    stream = (PackedStream.of_flags(train_split, train_clips, args.seed, args, tokenizer.no_timestamps, dims.n_text_ctx)
               if args.pack else Stream(train_clips, args.seed))
     if resume is not None and args.pack:
         stream.counts = list(state.get("window_counts", []))  # so that the epochs before are not packed again

@@ -446,7 +446,6 @@ def test_eval_noise_folder_and_a_set_without_texts(tiny_en_dir, jfk_audio, tmp_p
     assert "no clip has a reference text" in capsys.readouterr().err
 
 
-
 def test_pool_clips_after_a_lead_of_silence_keep_their_noise_over_the_clip(monkeypatch):
     class Split:  # a prepared split's int16 clips
         def audio(self, i):

@@ -355,8 +355,7 @@ def bench_train(args):
 
     clips = np.arange(len(split))
     d = train.get_parser().parse_args([])  # train.py's packing defaults
-    windows = train.PackedStream(split, clips, 0, d.pack_gap, tokenizer.no_timestamps, ours.dims.n_text_ctx, lead=d.pack_lead,
-                                 by_speaker=d.pack_by == "speaker")
+    windows = train.PackedStream.of_flags(split, clips, 0, d, tokenizer.no_timestamps, ours.dims.n_text_ctx)
     batches = []  # per step: {name: (noise keys, excluded clips, clips, batch)}
     for s in range(a.steps + 1):
         indices = [int(clips[(s * a.batch_size + b) % len(clips)]) for b in range(a.batch_size)]

@@ -200,8 +200,7 @@ def packed_iters(args, data, seed, flags, times=1):
     arm = train.get_parser().parse_args([str(f) for f in flags])
     split = train.PreparedSplit(data, "train")
     clips, _ = train.usable_clips(split, 1 << 20, 448)
-    stream = train.PackedStream(split, clips, seed, arm.pack_gap, None, max_clips=arm.pack_clips, lead=arm.pack_lead,
-                                by_speaker=arm.pack_by == "speaker")
+    stream = train.PackedStream.of_flags(split, clips, seed, arm)
     todo, windows = times * args.max_iters * args.batch_size, 0
     while todo > 0:
         todo -= len(stream[windows][2])
@@ -326,11 +325,12 @@ def evaluate_models(args, models, data):
     rows = [test.row(i) for i in range(n)]
     refs = [r["text"] for r in rows]
     out, loaded = {}, {}
-    for name in models:
-        cache_file = args.out / "eval" / f"{name}.json"
+    cache_files = {name: args.out / "eval" / f"{name}.json" for name in models}
+    for name, cache_file in cache_files.items():
         out[name] = json.loads(cache_file.read_text()) if cache_file.exists() else {"_offset": args.offset}
-        if out[name].get("_offset", 0.0) != args.offset:
-            sys.exit(f"experiment.py: error: {cache_file} holds clips at {out[name].get('_offset', 0.0):g} s, not "
+        offset = out[name].get("_offset", 0.0)
+        if offset != args.offset:
+            sys.exit(f"experiment.py: error: {cache_file} holds clips at {offset:g} s, not "
                      f"--offset {args.offset:g}: give this offset an --out of its own")
 
     def load(name, path, dual):
@@ -346,7 +346,7 @@ def evaluate_models(args, models, data):
         return loaded[name]
 
     def keep(name):
-        cache_file = args.out / "eval" / f"{name}.json"
+        cache_file = cache_files[name]
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.with_suffix(".tmp").write_text(json.dumps(out[name]))
         os.replace(cache_file.with_suffix(".tmp"), cache_file)
