@@ -18,7 +18,8 @@ after an interruption):
   3. evaluation: the official checkpoint and every run's final weights transcribe the test clips
      (sample.py's decoding: temperature fallback, as users decode) clean and with each noise kind
      at each SNR, the same noisy audio for every model; babble and competing talkers come from
-     the test split's own talkers, the bank from noise_test
+     the test split's own talkers, the bank from noise_test; with --offset S every test clip starts
+     after S seconds of silence (an --out of its own: its scores are kept apart)
   4. OUT/results.json (every number, per-clip errors included), OUT/results.md (mean and spread
      over seeds), OUT/wer_vs_snr.png (needs matplotlib)
 
@@ -82,6 +83,8 @@ ARMS = {
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
     "dual_pack_x6": PACK_DEFAULTS,
+    # padded training on as many clips as dual_pack_x6: the equal-clips comparison at 6 times the clips
+    "dual_x6": [],
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
     # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
     "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
@@ -90,7 +93,7 @@ ARMS = {
     "dual_pack1_window": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "window"],
     "dual_pack1ts": PACK1,
 }
-CLIPS_SEEN = {"dual_pack_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
+CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
@@ -214,7 +217,8 @@ def train_seed(args, data, seed):
     for arm in args.arms:
         name = f"{arm}-s{seed}"
         out_dir = args.out / "runs" / name
-        iters = packed_iters(args, data, seed, ARMS[arm], CLIPS_SEEN.get(arm, 1)) if "--pack" in ARMS[arm] else args.max_iters
+        iters = packed_iters(args, data, seed, ARMS[arm], CLIPS_SEEN.get(arm, 1)) if "--pack" in ARMS[arm] \
+            else args.max_iters * CLIPS_SEEN.get(arm, 1)
         if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < iters:
             print(f"train: {name}", flush=True)
             resume = ["--resume"] if (out_dir / "latest" / "state.pt").exists() else []
