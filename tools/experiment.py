@@ -217,8 +217,8 @@ def train_seed(args, data, seed):
     for arm in args.arms:
         name = f"{arm}-s{seed}"
         out_dir = args.out / "runs" / name
-        iters = packed_iters(args, data, seed, ARMS[arm], CLIPS_SEEN.get(arm, 1)) if "--pack" in ARMS[arm] \
-            else args.max_iters * CLIPS_SEEN.get(arm, 1)
+        scale = CLIPS_SEEN.get(arm, 1)
+        iters = packed_iters(args, data, seed, ARMS[arm], scale) if "--pack" in ARMS[arm] else args.max_iters * scale
         if not (out_dir / "latest" / "config.json").exists() or json.loads((out_dir / "latest" / "config.json").read_text())["iter_num"] < iters:
             print(f"train: {name}", flush=True)
             resume = ["--resume"] if (out_dir / "latest" / "state.pt").exists() else []
