@@ -101,6 +101,9 @@ def get_parser():
                    help="speaker: a window holds clips of one speaker (prepare.py's speaker column; clips without one go by "
                         "language); language: of one language")
     g.add_argument("--pack_clips", type=int, default=0, help="most clips in a window (0: as many as fit)")
+    g.add_argument("--pack_alone", type=float, default=0.0,
+                   help="share of clips (drawn per stream position) that fill a window alone, at 0 s and with silence after, "
+                        "as a short file is transcribed")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
     g.add_argument("--pack_noise", choices=["window", "clip", "span"], default="span",
@@ -182,7 +185,8 @@ def parse_config(argv=None):
         if ckpt is None:
             raise TrainError(f"--resume: no checkpoint in {args.out_dir} (expected {args.out_dir}/latest/state.pt)")
         # a run from before a flag existed resumes as it was trained: padded, or packed as --pack first packed
-        before = {"pack": False, "pack_noise": "window", "pack_lead": None, "pack_by": "language", "pack_clips": 0}
+        before = {"pack": False, "pack_noise": "window", "pack_lead": None, "pack_by": "language", "pack_clips": 0,
+                  "pack_alone": 0.0}
         stored = {**before, **json.loads((ckpt / "config.json").read_text())["train_config"]}
         defaults.update(checked_values({k: v for k, v in stored.items() if k not in ("resume", "config")}, parser, f"{ckpt}/config.json"))
     if args.config:
@@ -221,8 +225,9 @@ def resolve(args):
             raise TrainError(f"--{name} must lie in [0, 1), not {getattr(args, name)}")
     if args.pack_clips < 0:
         raise TrainError(f"--pack_clips is a number of clips (0: as many as fit), not {args.pack_clips}")
-    if not 0 <= args.pack_no_timestamps <= 1:
-        raise TrainError(f"--pack_no_timestamps is a share in [0, 1], not {args.pack_no_timestamps}")
+    for name in ("pack_no_timestamps", "pack_alone"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise TrainError(f"--{name} is a share in [0, 1], not {getattr(args, name)}")
     for flag, low in (("pack_gap", 0), ("pack_lead", -dw.CHUNK_LENGTH)):
         value = getattr(args, flag)
         if value is not None and not low <= value[0] <= value[1] < dw.CHUNK_LENGTH:
@@ -320,15 +325,17 @@ class PackedStream:
     (language and task), and with by_speaker of the same speaker, go in stream order into their
     group's open window, the first at a lead of silence and each next after a gap (both drawn per
     stream position from the seed); a clip that does not fit (in samples, or in decoder tokens with
-    timestamps) closes the window and starts the next. Windows are numbered in
+    timestamps) closes the window and starts the next. With `alone`, a share of the clips (drawn per
+    stream position) each fill a window of their own at 0 s instead. Windows are numbered in
     the order they close, an epoch's last open ones in the order they opened, and never span two
     epochs, so that an epoch holds every clip once. Window k is (key, prompt, [(clip, offset)]),
     its key the stream position of its first clip: the key of its noise, SpecAugment and target
     format. Like Stream, it depends on the seed alone, never on ranks or batches."""
 
     def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0, lead=None,
-                 by_speaker=False):
+                 by_speaker=False, alone=0.0):
         self.stream, self.seed, self.gap, self.lead, self.no_timestamps = Stream(clips, seed), seed, gap, lead, no_timestamps
+        self.alone = alone
         self.max_clips = max_clips or len(clips)
         self.lengths = {int(c): int(split.lengths[c]) for c in clips}
         self.prompts, self.n_text, self.groups = {}, {}, {}
@@ -344,7 +351,7 @@ class PackedStream:
     def of_flags(cls, split, clips, seed, args, no_timestamps=None, n_text_ctx=448):
         """The packed stream that train.py's --pack_* flags (parsed into `args`) make."""
         return cls(split, clips, seed, args.pack_gap, no_timestamps, n_text_ctx, args.pack_clips, args.pack_lead,
-                   args.pack_by == "speaker")
+                   args.pack_by == "speaker", args.pack_alone)
 
     def gaps(self, epoch, lead=False):
         """The silence before each clip of an epoch in stream order, samples in whole timestamp steps
@@ -361,10 +368,14 @@ class PackedStream:
         opened, closed = {}, []  # group -> [key, clips, end sample, tokens]; closed windows in order
         gaps = self.gaps(epoch).tolist()
         leads = self.gaps(epoch, lead=True).tolist() if self.lead is not None else gaps  # without --pack_lead, drawn as the gaps
+        alone = (np.random.default_rng([self.seed, 7, epoch]).random(n) < self.alone).tolist()
         for i, (gap, lead) in enumerate(zip(gaps, leads)):
             position = epoch * n + i
             c = self.stream[position]
             prompt, L = self.prompts[c], self.lengths[c]
+            if alone[i]:  # a window of its own, closed at once; its group's open window stays open
+                closed.append([position, [(c, 0)]])
+                continue
             tokens = self.n_text[c] + 2  # the text between its two timestamps
             w = opened.get(self.groups[c])
             start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + gap  # on a timestamp
@@ -378,7 +389,7 @@ class PackedStream:
             w[1].append((c, start))
             w[2], w[3] = start + L, w[3] + tokens
         closed += sorted(opened.values(), key=lambda w: w[0])
-        return [(key, self.prompts[clips[0][0]], clips) for key, clips, _, _ in closed]
+        return [(w[0], self.prompts[w[1][0][0]], w[1]) for w in closed]
 
     def __getitem__(self, k):
         k, epoch = int(k), 0

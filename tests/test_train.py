@@ -464,6 +464,15 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     half = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, lead=(-1.0, 1.0))
     at_zero = np.mean([w[2][0][1] == 0 for w in half.pack_epoch(0)])
     assert 0.3 < at_zero < 0.7, "--pack_lead -1 1: about half of the windows start at 0 s"
+    # --pack_alone 0.3: about 3 clips in 10 fill a window alone at 0 s; every clip still once, the others packed as before
+    alone = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, alone=0.3)
+    windows = alone.pack_epoch(0)
+    singles = [w for w in windows if len(w[2]) == 1 and w[2][0][1] == 0]
+    assert 0.2 < len(singles) / len(clips) < 0.4
+    assert sorted(c for w in windows for c, _ in w[2]) == sorted(clips.tolist())
+    assert all(alone.stream[w[0]] == w[2][0][0] for w in singles), "a window's key is its first clip's stream position"
+    rest = [w for w in windows if w not in singles]
+    assert max(len(w[2]) for w in rest) > 1 and len(windows) > packed.counts[0]
 
 
 def test_packed_by_speaker_holds_one_speaker_a_window(two_languages):
