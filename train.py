@@ -326,11 +326,11 @@ class PackedStream:
     group's open window, the first at a lead of silence and each next after a gap (both drawn per
     stream position from the seed); a clip that does not fit (in samples, or in decoder tokens with
     timestamps) closes the window and starts the next. With `alone`, a share of the clips (drawn per
-    stream position) each fill a window of their own at 0 s instead. Windows are numbered in
-    the order they close, an epoch's last open ones in the order they opened, and never span two
-    epochs, so that an epoch holds every clip once. Window k is (key, prompt, [(clip, offset)]),
-    its key the stream position of its first clip: the key of its noise, SpecAugment and target
-    format. Like Stream, it depends on the seed alone, never on ranks or batches."""
+    stream position) each fill a window of their own at 0 s instead, spaced among the packed
+    windows to keep that share of clips throughout. Windows are numbered in the order they close,
+    an epoch's last open ones in the order they opened, and never span two epochs, so that an
+    epoch holds every clip once. Window k is (key, prompt, [(clip, offset)]), its key the stream
+    position of its first clip: the key of its noise, SpecAugment and target format. Like Stream, it depends on the seed alone, never on ranks or batches."""
 
     def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0, lead=None,
                  by_speaker=False, alone=0.0):
@@ -365,22 +365,36 @@ class PackedStream:
 
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)
-        opened, closed = {}, []  # group -> [key, clips, end sample, tokens]; closed windows in order
+        opened, closed, waiting = {}, [], []  # group -> [key, clips, end sample, tokens]; closed windows in order; alone ones
+        packed_clips, alone_clips = 0, 0
         gaps = self.gaps(epoch).tolist()
         leads = self.gaps(epoch, lead=True).tolist() if self.lead is not None else gaps  # without --pack_lead, drawn as the gaps
         alone = (np.random.default_rng([self.seed, 7, epoch]).random(n) < self.alone).tolist()
+
+        def close(w):
+            # a packed window, then the alone windows waiting that keep the share (a packed window closes
+            # only when full, so alone windows closed at once would crowd the epoch's first windows)
+            nonlocal packed_clips, alone_clips
+            if w is not None:
+                closed.append(w)
+                packed_clips += len(w[1])
+            while waiting and alone_clips * (1 - self.alone) <= self.alone * packed_clips:
+                closed.append(waiting.pop(0))
+                alone_clips += 1
+
         for i, (gap, lead) in enumerate(zip(gaps, leads)):
             position = epoch * n + i
             c = self.stream[position]
             prompt, L = self.prompts[c], self.lengths[c]
-            if alone[i]:  # a window of its own, closed at once; its group's open window stays open
-                closed.append([position, [(c, 0)]])
+            if alone[i]:  # a window of its own at 0 s; its group's open window stays open
+                waiting.append([position, [(c, 0)]])
+                close(None)
                 continue
             tokens = self.n_text[c] + 2  # the text between its two timestamps
             w = opened.get(self.groups[c])
             start = (-(-w[2] // TIMESTAMP_SAMPLES) * TIMESTAMP_SAMPLES if w else 0) + gap  # on a timestamp
             if w is not None and (start + L > dw.N_SAMPLES or w[3] + tokens > self.budget or len(w[1]) == self.max_clips):
-                closed.append(w)
+                close(w)
                 w = None
             if w is None:
                 start = min(lead, (dw.N_SAMPLES - L) // TIMESTAMP_SAMPLES * TIMESTAMP_SAMPLES)
@@ -388,7 +402,9 @@ class PackedStream:
                 w = opened[self.groups[c]] = [position, [], 0, len(prompt) + (prompt[-1] != self.no_timestamps)]
             w[1].append((c, start))
             w[2], w[3] = start + L, w[3] + tokens
-        closed += sorted(opened.values(), key=lambda w: w[0])
+        for w in sorted(opened.values(), key=lambda w: w[0]):
+            close(w)
+        closed += waiting
         return [(w[0], self.prompts[w[1][0][0]], w[1]) for w in closed]
 
     def __getitem__(self, k):

@@ -464,8 +464,9 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     half = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, lead=(-1.0, 1.0))
     at_zero = np.mean([w[2][0][1] == 0 for w in half.pack_epoch(0)])
     assert 0.3 < at_zero < 0.7, "--pack_lead -1 1: about half of the windows start at 0 s"
-    # --pack_alone 0.3: about 3 clips in 10 fill a window alone at 0 s; every clip still once, the others packed as before
-    alone = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, alone=0.3)
+    # --pack_alone 0.3 (by speaker, whose windows fill slowest): about 3 clips in 10 fill a window alone at 0 s; every
+    # clip still once, the others packed as before
+    alone = train.PackedStream(split, clips, seed=3, no_timestamps=tokenizer.no_timestamps, n_text_ctx=n_text_ctx, alone=0.3, by_speaker=True)
     windows = alone.pack_epoch(0)
     singles = [w for w in windows if len(w[2]) == 1 and w[2][0][1] == 0]
     assert 0.2 < len(singles) / len(clips) < 0.4
@@ -473,6 +474,12 @@ def test_packed_epoch_holds_every_clip_once(two_languages):
     assert all(alone.stream[w[0]] == w[2][0][0] for w in singles), "a window's key is its first clip's stream position"
     rest = [w for w in windows if w not in singles]
     assert max(len(w[2]) for w in rest) > 1 and len(windows) > packed.counts[0]
+    # spaced out: the windows that hold the first half of the clips hold about the share alone, not all the alone clips first
+    seen, first_half = 0, []
+    while seen < len(clips) // 2:
+        first_half.append(windows[len(first_half)])
+        seen += len(first_half[-1][2])
+    assert 0.2 < sum(w in singles for w in first_half) / seen < 0.4
 
 
 def test_packed_by_speaker_holds_one_speaker_a_window(two_languages):

@@ -315,6 +315,8 @@ def bench_train(args):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--plain", action="store_true", help="our model without the second cross-attention (the same computation as theirs)")
     p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True, help="time transformers' model too")
+    p.add_argument("--pack_args", default="", help="train.py --pack_* flags of the packed windows (default: train.py's), "
+                                                   "e.g. '--pack_alone 0.05'")
     p.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
                    help="whisper-small MFU and peak memory, random weights, batch 16 (default: on a GPU)")
     a = parse_args(p, args)
@@ -354,7 +356,7 @@ def bench_train(args):
                   for k, m in models.items()}
 
     clips = np.arange(len(split))
-    d = train.get_parser().parse_args([])  # train.py's packing defaults
+    d = train.get_parser().parse_args(a.pack_args.split())  # train.py's packing defaults, or --pack_args
     windows = train.PackedStream.of_flags(split, clips, 0, d, tokenizer.no_timestamps, ours.dims.n_text_ctx)
     batches = []  # per step: {name: (noise keys, excluded clips, clips, batch)}
     for s in range(a.steps + 1):

@@ -79,10 +79,10 @@ ARMS = {
     # the defaults with twice the learning rate, or windows of at most 4 clips, 2 a step
     "dual_pack_lr2": [*PACK_DEFAULTS, "--learning_rate", "2e-4"],
     "dual_pack4": [*PACK_DEFAULTS, "--batch_size", "2", "--pack_clips", "4"],
-    # the defaults with a share of the clips each alone in a window at 0 s, as a clip is evaluated (and transcribed): 5 in
-    # 100 keeps 4x padded training's clips/s, 25 in 100 shows what more would bring
-    "dual_pack_alone": [*PACK_DEFAULTS, "--pack_alone", "0.05"],
+    # the defaults with a share of the clips (10, 25, 50 in 100) each alone in a window at 0 s, as a clip is evaluated
+    "dual_pack_alone10": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     "dual_pack_alone25": [*PACK_DEFAULTS, "--pack_alone", "0.25"],
+    "dual_pack_alone50": [*PACK_DEFAULTS, "--pack_alone", "0.5"],
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
