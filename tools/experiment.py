@@ -83,6 +83,7 @@ ARMS = {
     "dual_pack_alone10": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     "dual_pack_alone25": [*PACK_DEFAULTS, "--pack_alone", "0.25"],
     "dual_pack_alone50": [*PACK_DEFAULTS, "--pack_alone", "0.5"],
+    "dual_pack_alone10_x6": [*PACK_DEFAULTS, "--pack_alone", "0.1"],  # and on 6 times the clips, as dual_x6
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
@@ -97,7 +98,7 @@ ARMS = {
     "dual_pack1_window": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "window"],
     "dual_pack1ts": PACK1,
 }
-CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
+CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone10_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
