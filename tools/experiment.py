@@ -49,7 +49,8 @@ import dualwhisper as dw  # noqa: E402
 SHARED = Path(os.environ.get("DUALWHISPER_SHARED", ROOT.parent / "shared"))
 
 # arm name -> train.py flags on top of the common ones
-PACK = ["--pack", "--batch_size", "1", "--pack_by", "language", "--pack_noise", "window", "--pack_no_timestamps", "0.5"]
+PACK = ["--pack", "--batch_size", "1", "--pack_by", "language", "--pack_noise", "window", "--pack_no_timestamps", "0.5",
+        "--pack_alone", "0"]
 PACK1 = [*PACK, "--batch_size", "8", "--pack_clips", "1"]
 PACK_DEFAULTS = [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"]  # train.py's --pack defaults
 ARMS = {
@@ -79,11 +80,13 @@ ARMS = {
     # the defaults with twice the learning rate, or windows of at most 4 clips, 2 a step
     "dual_pack_lr2": [*PACK_DEFAULTS, "--learning_rate", "2e-4"],
     "dual_pack4": [*PACK_DEFAULTS, "--batch_size", "2", "--pack_clips", "4"],
-    # the defaults with a share of the clips (10, 25, 50 in 100) each alone in a window at 0 s, as a clip is evaluated
+    # the defaults with a share of the clips (5, 10, 25, 50 in 100) each alone in a window at 0 s, as a clip is evaluated
+    "dual_pack_alone5": [*PACK_DEFAULTS, "--pack_alone", "0.05"],
     "dual_pack_alone10": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     "dual_pack_alone25": [*PACK_DEFAULTS, "--pack_alone", "0.25"],
     "dual_pack_alone50": [*PACK_DEFAULTS, "--pack_alone", "0.5"],
-    "dual_pack_alone10_x6": [*PACK_DEFAULTS, "--pack_alone", "0.1"],  # and on 6 times the clips, as dual_x6
+    "dual_pack_alone5_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05"],  # and on 6 times the clips, as dual_x6
+    "dual_pack_alone10_x6": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
@@ -98,7 +101,7 @@ ARMS = {
     "dual_pack1_window": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "window"],
     "dual_pack1ts": PACK1,
 }
-CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone10_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
+CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone5_x6": 6, "dual_pack_alone10_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
