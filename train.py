@@ -6,7 +6,7 @@ train.py: fine-tune dual-attention Whisper from official weights on prepared dat
   torchrun --standalone --nproc_per_node=8 train.py --data data/az ...        # one node, 8 GPUs
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
   python train.py --out_dir out/az --resume       # go on after a stop or a kill
-  python train.py --pack --batch_size 1           # windows of one speaker's clips with timestamps: 6-7x the clips/s
+  python train.py --pack --batch_size 1           # windows of one speaker's clips with timestamps: 4-5x the clips/s
 
 The file reads top to bottom: config, setup, data, model, optimizer, evaluation, then the loop.
 A run folder holds latest/ (weights plus everything a resume needs) and best/ (the best evaluation
@@ -101,9 +101,9 @@ def get_parser():
                    help="speaker: a window holds clips of one speaker (prepare.py's speaker column; clips without one go by "
                         "language); language: of one language")
     g.add_argument("--pack_clips", type=int, default=0, help="most clips in a window (0: as many as fit)")
-    g.add_argument("--pack_alone", type=float, default=0.0,
+    g.add_argument("--pack_alone", type=float, default=0.05,
                    help="share of clips (drawn per stream position) that fill a window alone, at 0 s and with silence after, "
-                        "as a short file is transcribed")
+                        "as a short file is transcribed: more buys per-clip accuracy under noise with speed")
     g.add_argument("--pack_no_timestamps", type=float, default=0.5,
                    help="share of windows whose target is <|notimestamps|> and the texts alone, so both decoding modes keep working")
     g.add_argument("--pack_noise", choices=["window", "clip", "span"], default="span",

@@ -316,7 +316,7 @@ def bench_train(args):
     p.add_argument("--plain", action="store_true", help="our model without the second cross-attention (the same computation as theirs)")
     p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True, help="time transformers' model too")
     p.add_argument("--pack_args", default="", help="train.py --pack_* flags of the packed windows (default: train.py's), "
-                                                   "e.g. '--pack_alone 0.05'")
+                                                   "e.g. '--pack_alone 0' to pack every clip")
     p.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
                    help="whisper-small MFU and peak memory, random weights, batch 16 (default: on a GPU)")
     a = parse_args(p, args)

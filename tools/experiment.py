@@ -52,7 +52,8 @@ SHARED = Path(os.environ.get("DUALWHISPER_SHARED", ROOT.parent / "shared"))
 PACK = ["--pack", "--batch_size", "1", "--pack_by", "language", "--pack_noise", "window", "--pack_no_timestamps", "0.5",
         "--pack_alone", "0"]
 PACK1 = [*PACK, "--batch_size", "8", "--pack_clips", "1"]
-PACK_DEFAULTS = [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"]  # train.py's --pack defaults
+# train.py's --pack defaults, but every clip packed (--pack_alone 0, from PACK)
+PACK_DEFAULTS = [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"]
 ARMS = {
     "plain": ["--plain"],
     "dual": [],
@@ -75,12 +76,13 @@ ARMS = {
     "dual_pack_text": [*PACK, "--pack_no_timestamps", "1"],  # every window without timestamps
     "dual_pack2": [*PACK, "--batch_size", "4", "--pack_clips", "2"],  # windows of at most 2 clips, 4 a step
     "dual_pack_lead0_span": [*PACK, "--pack_lead", "0", "0", "--pack_noise", "span"],
-    # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults
+    # one speaker a window, half of the windows at 0 s, noise over each clip alone: train.py's defaults but --pack_alone 0
     "dual_pack_speaker_lead": PACK_DEFAULTS,
     # the defaults with twice the learning rate, or windows of at most 4 clips, 2 a step
     "dual_pack_lr2": [*PACK_DEFAULTS, "--learning_rate", "2e-4"],
     "dual_pack4": [*PACK_DEFAULTS, "--batch_size", "2", "--pack_clips", "4"],
-    # the defaults with a share of the clips (5, 10, 25, 50 in 100) each alone in a window at 0 s, as a clip is evaluated
+    # the defaults with a share of the clips (5, 10, 25, 50 in 100) each alone in a window at 0 s, as a clip is evaluated;
+    # dual_pack_alone5 is train.py's defaults
     "dual_pack_alone5": [*PACK_DEFAULTS, "--pack_alone", "0.05"],
     "dual_pack_alone10": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     "dual_pack_alone25": [*PACK_DEFAULTS, "--pack_alone", "0.25"],
