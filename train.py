@@ -330,7 +330,8 @@ class PackedStream:
     windows to keep that share of clips throughout. Windows are numbered in the order they close,
     an epoch's last open ones in the order they opened, and never span two epochs, so that an
     epoch holds every clip once. Window k is (key, prompt, [(clip, offset)]), its key the stream
-    position of its first clip: the key of its noise, SpecAugment and target format. Like Stream, it depends on the seed alone, never on ranks or batches."""
+    position of its first clip: the key of its noise, SpecAugment and target format. Like Stream,
+    it depends on the seed alone, never on ranks or batches."""
 
     def __init__(self, split, clips, seed, gap=(0.1, 1.0), no_timestamps=None, n_text_ctx=448, max_clips=0, lead=None,
                  by_speaker=False, alone=0.0):

@@ -103,7 +103,8 @@ ARMS = {
     "dual_pack1_window": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "window"],
     "dual_pack1ts": PACK1,
 }
-CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone5_x6": 6, "dual_pack_alone10_x6": 6}  # arms that see this many times the padded arms' clips (else as many)
+# arms that see this many times the padded arms' clips (else as many)
+CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone5_x6": 6, "dual_pack_alone10_x6": 6}
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
