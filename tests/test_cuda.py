@@ -110,9 +110,9 @@ def test_cli_on_the_device_compiled_and_half(tiny_en_dir, tiny_en_gpu, jfk_path,
     p = subprocess.run([*cmd, "--dtype", "float32", "--compile", "--batch_size", "2", "-f", "json", "-o", str(out),
                         str(jfk_path), long_path], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    for path, audio in ((jfk_path, dw.load_audio(jfk_path)), (long_path, long_audio)):
+    for path in (jfk_path, long_path):  # the reference decodes the same 16-bit samples the CLI read
         got = json.loads((out / (os.path.splitext(os.path.basename(path))[0] + ".json")).read_text())
-        ref = dw.transcribe(tiny_en_gpu, audio, **GREEDY)
+        ref = dw.transcribe(tiny_en_gpu, dw.load_audio(path), **GREEDY)
         assert got["text"] == ref["text"]
         assert [s["tokens"] for s in got["segments"]] == [s["tokens"] for s in ref["segments"]]
 
