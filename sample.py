@@ -341,7 +341,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="decode with fixed-shape steps compiled by torch.compile, on a GPU "
                                                                  "replayed as CUDA graphs (on an H200: faster for batches of files and beam search, slower "
-                                                                 "for one file greedy and with --chunked)")
+                                                                 "for one file greedy and with --chunked; no faster on a CPU)")
     p.add_argument("--batch_size", type=int, default=8, help="windows decoded together: of different files, or with --chunked "
                                                             "of one file's chunks")
     p.add_argument("--chunked", action="store_true", help="cut each file at silences into chunks of at most 30 s, decoded "
