@@ -317,6 +317,8 @@ def bench_train(args):
     p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True, help="time transformers' model too")
     p.add_argument("--pack_args", default="", help="train.py --pack_* flags of the packed windows (default: train.py's), "
                                                    "e.g. '--pack_alone 0' to pack every clip")
+    p.add_argument("--warm_all", action="store_true", help="step every batch once, untimed, before the timed steps: each "
+                                                            "shape met first outside the timing (a GPU's kernel plans and caches)")
     p.add_argument("--mfu", action=argparse.BooleanOptionalAction, default=None,
                    help="whisper-small MFU and peak memory, random weights, batch 16 (default: on a GPU)")
     a = parse_args(p, args)
@@ -384,6 +386,10 @@ def bench_train(args):
             torch.cuda.synchronize()
 
     times, counts = {k: [] for k in models}, {k: [] for k in models}  # seconds and clips of each timed step
+    if a.warm_all:
+        for step_batches in batches[1:]:  # batch 0, the warm-up step below, goes first in the timed pass too
+            for name in models:
+                step(name, *step_batches[name][:2], step_batches[name][3])
     for s, step_batches in enumerate(batches):
         for name in (models if s % 2 == 0 else reversed(list(models))):  # alternate which goes first
             keys, exclude, n_clips, batch = step_batches[name]
@@ -396,7 +402,8 @@ def bench_train(args):
                 counts[name].append(n_clips)
     print(f"training step of {a.model} on {a.data}, batch {a.batch_size} x 30 s (padded: a clip each; packed: "
           f"{sum(counts[packed]) / len(counts[packed]) / a.batch_size:.1f} clips each), {dtype} on {device}"
-          f" ({torch.get_num_threads()} threads), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each")
+          f" ({torch.get_num_threads()} threads), frozen: {','.join(sorted(frozen)) or 'none'}, {a.steps} timed steps each"
+          + (", every batch stepped once before" if a.warm_all else ""))
     # throughput over all timed steps, and at the best and the median step: this shared 2-core
     # machine's speed drifts by 10-20% from one minute to the next, which the best step (as
     # timeit advises) shows least
