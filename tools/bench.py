@@ -9,6 +9,7 @@ tools/bench.py: timings against baselines measured in the same run, printed as r
                                      windows (train.py --pack) vs padded clips
   python tools/bench.py prepare      hours of audio prepared per minute, and batch read speed
   python tools/bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
+  python tools/bench.py memory       whisper-small training: where the memory goes (any device)
 """
 
 import argparse
@@ -493,6 +494,95 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, comp
         profile_steps(train_step, cuda)
 
 
+def bench_memory(args):
+    """Where whisper-small's training memory goes, as train.py trains it on a GPU (every part
+    trained, bfloat16 autocast, AdamW): the weights, their gradients and AdamW's two moments,
+    counted from the parameters; and the tensors one forward pass saves for the backward pass,
+    counted by torch.autograd.graph.saved_tensors_hooks (each storage once) and put to the module
+    that saved them: the encoder's parts, the decoder's self-attention, the first cross-attention
+    branch, the second branch and its gate, the MLPs, the logits and loss. Runs on any device (a
+    CPU takes about a minute at --batch_size 1). Forward passes of --batch_size and twice as many
+    clips tell what grows with the batch from what a step saves once; the table is for --scale_to
+    clips. Eager: torch.compile (train.py's default on a GPU) saves less, recomputing what is cheap."""
+    import time
+    from collections import defaultdict
+
+    import torch
+
+    import dualwhisper as dw
+
+    p = argparse.ArgumentParser(prog="tools/bench.py memory", description=bench_memory.__doc__)
+    p.add_argument("--batch_size", type=int, default=1, help="clips in the measured forward pass")
+    p.add_argument("--scale_to", type=int, default=16, help="clips the table is given for (saved tensors grow with the batch)")
+    p.add_argument("--tokens", type=int, default=64, help="decoder tokens per clip")
+    p.add_argument("--plain", action="store_true", help="without the second cross-attention")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(args)
+    device = torch.device(a.device)
+    dims = dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12, n_vocab=51865,
+                              n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12, dual=not a.plain)
+    model = dw.Whisper(dims).to(device).train()
+
+    def part(name):
+        """The row of the table that a module's saved tensors go to."""
+        if name.startswith("encoder.conv"):
+            return "encoder: convolutions"
+        for key, row in ((".cross_attn2", "decoder: second branch"), (".gate", "decoder: second branch"),
+                         (".cross_attn", "decoder: cross-attention (first branch)"), (".attn", "self-attention"),
+                         (".mlp", "MLP")):
+            if key in name:
+                return f"encoder: {row}" if name.startswith("encoder") and not row.startswith("decoder") else (
+                    row if row.startswith("decoder") else f"decoder: {row}")
+        if name.startswith("encoder"):
+            return "encoder: residuals, norms"
+        if name.startswith("decoder.blocks"):
+            return "decoder: residuals, norms, the fusion of the branches"
+        return "decoder: embeddings, final norm, logits, loss"
+
+    stack = [""]
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_pre_hook(lambda m, x, name=name: stack.append(name))
+            module.register_forward_hook(lambda m, x, y: None if stack.pop() else None)  # the output unchanged
+
+    def saved_by_part(batch_size):
+        """Bytes saved for the backward pass by a forward pass of batch_size clips, by part."""
+        saved, seen = defaultdict(int), set()
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                saved[part(stack[-1])] += storage.nbytes()
+            return t
+
+        mel = torch.randn(batch_size, 80, 3000, device=device)
+        x = torch.randint(0, 50000, (batch_size, a.tokens), device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type, dtype=torch.bfloat16):
+            model(mel, x, x)
+        return saved
+
+    # at b and 2b clips: what grows with the batch, and what a step saves once (the weights' bfloat16 copies)
+    t0 = time.perf_counter()
+    one, two = saved_by_part(a.batch_size), saved_by_part(2 * a.batch_size)
+    seconds = time.perf_counter() - t0
+    per_clip = {k: (two[k] - one[k]) / a.batch_size for k in two}
+    once = sum(one[k] - per_clip[k] * a.batch_size for k in two)
+    n_params = sum(q.numel() for q in model.parameters())
+    n_dual = sum(q.numel() for name, q in model.named_parameters() if dw.is_dual_parameter(name))
+    gib = 2 ** 30
+    print(f"memory: whisper-small {'plain' if a.plain else 'dual'} training, bfloat16 autocast, eager, {a.tokens} tokens a "
+          f"clip, {a.scale_to} clips ({n_params / 1e6:.0f}M parameters, {n_dual / 1e6:.1f}M of them the second branches and "
+          f"gates); the saved tensors from forward passes of {a.batch_size} and {2 * a.batch_size} clips on {device} ({seconds:.0f} s)")
+    rows = [("weights, float32", 4 * n_params), ("gradients, float32", 4 * n_params), ("AdamW moments, float32", 8 * n_params),
+            ("saved: the weights' bfloat16 copies (autocast)", once)]
+    rows += [(f"saved: {k}", v * a.scale_to) for k, v in sorted(per_clip.items(), key=lambda kv: -kv[1])]
+    for name, n in rows:
+        print(f"  {name:<66} {n / gib:6.2f} GiB")
+    print(f"  {'in all':<66} {sum(n for _, n in rows) / gib:6.2f} GiB")
+
+
 def profile_steps(step, cuda, n=3):
     """Where the time of `n` steps goes: device time by kind of kernel, and how much of the wall
     time the device was busy (the rest is launch overhead or host work)."""
@@ -696,7 +786,8 @@ def bench_mfu(args):
         bench_train_mfu(torch.device(a.device), batch_size, a.tokens, a.steps, compile=a.compile, profile=a.profile, mode=a.mode)
 
 
-BENCHMARKS = {"transcribe": bench_transcribe, "long": bench_long, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu}
+BENCHMARKS = {"transcribe": bench_transcribe, "long": bench_long, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu,
+              "memory": bench_memory}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:  # bench.py NAME --help is NAME's help
