@@ -390,7 +390,8 @@ def bench_train(args):
     if a.warm_all:
         for step_batches in batches[1:]:  # batch 0, the warm-up step below, goes first in the timed pass too
             for name in models:
-                step(name, *step_batches[name][:2], step_batches[name][3])
+                keys, exclude, _, batch = step_batches[name]
+                step(name, keys, exclude, batch)
     for s, step_batches in enumerate(batches):
         for name in (models if s % 2 == 0 else reversed(list(models))):  # alternate which goes first
             keys, exclude, n_clips, batch = step_batches[name]
@@ -441,6 +442,14 @@ def train_flops_per_sample(dims, n_tokens, dual=True):
     return 3 * (enc + dec)
 
 
+def whisper_small_dims(dual=True):
+    """The dimensions of multilingual whisper-small."""
+    import dualwhisper as dw
+
+    return dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12, n_vocab=51865,
+                              n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12, dual=dual)
+
+
 def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, compile=None, profile=False, mode=None):
     """whisper-small (random weights, dual; or `dims`), all parts trained, as train.py runs it on a
     GPU (bfloat16 autocast, compiled; float32 and eager elsewhere): samples/s, model FLOPs
@@ -453,8 +462,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, comp
     import dualwhisper as dw
     import train
 
-    dims = dims or dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12,
-                                      n_vocab=51865, n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12)
+    dims = dims or whisper_small_dims()
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bfloat16 is ~100x slower on CPUs
     model = dw.Whisper(dims).to(device).train()
@@ -519,32 +527,36 @@ def bench_memory(args):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(args)
     device = torch.device(a.device)
-    dims = dw.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12, n_vocab=51865,
-                              n_text_ctx=448, n_text_state=768, n_text_head=12, n_text_layer=12, dual=not a.plain)
-    model = dw.Whisper(dims).to(device).train()
+    model = dw.Whisper(whisper_small_dims(dual=not a.plain)).to(device).train()
 
     def part(name):
         """The row of the table that a module's saved tensors go to."""
+        side = name.split(".")[0]  # encoder or decoder
         if name.startswith("encoder.conv"):
             return "encoder: convolutions"
-        for key, row in ((".cross_attn2", "decoder: second branch"), (".gate", "decoder: second branch"),
-                         (".cross_attn", "decoder: cross-attention (first branch)"), (".attn", "self-attention"),
-                         (".mlp", "MLP")):
-            if key in name:
-                return f"encoder: {row}" if name.startswith("encoder") and not row.startswith("decoder") else (
-                    row if row.startswith("decoder") else f"decoder: {row}")
-        if name.startswith("encoder"):
+        if ".cross_attn2" in name or ".gate" in name:
+            return "decoder: second branch"
+        if ".cross_attn" in name:
+            return "decoder: cross-attention (first branch)"
+        if ".attn" in name:
+            return f"{side}: self-attention"
+        if ".mlp" in name:
+            return f"{side}: MLP"
+        if side == "encoder":
             return "encoder: residuals, norms"
         if name.startswith("decoder.blocks"):
             return "decoder: residuals, norms, the fusion of the branches"
         return "decoder: embeddings, final norm, logits, loss"
+
+    def leave(module, inputs, output):  # returns None: the output unchanged
+        stack.pop()
 
     stack = [""]
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}
     for name, module in model.named_modules():
         if name:
             module.register_forward_pre_hook(lambda m, x, name=name: stack.append(name))
-            module.register_forward_hook(lambda m, x, y: None if stack.pop() else None)  # the output unchanged
+            module.register_forward_hook(leave)
 
     def saved_by_part(batch_size):
         """Bytes saved for the backward pass by a forward pass of batch_size clips, by part."""
