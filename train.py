@@ -21,6 +21,7 @@ import random
 import shutil
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -366,7 +367,7 @@ class PackedStream:
 
     def pack_epoch(self, epoch):
         n = len(self.stream.clips)
-        opened, closed, waiting = {}, [], []  # group -> [key, clips, end sample, tokens]; closed windows in order; alone ones
+        opened, closed, waiting = {}, [], deque()  # group -> [key, clips, end sample, tokens]; closed windows in order; alone ones
         packed_clips, alone_clips = 0, 0
         gaps = self.gaps(epoch).tolist()
         leads = self.gaps(epoch, lead=True).tolist() if self.lead is not None else gaps  # without --pack_lead, drawn as the gaps
@@ -380,7 +381,7 @@ class PackedStream:
                 closed.append(w)
                 packed_clips += len(w[1])
             while waiting and alone_clips * (1 - self.alone) <= self.alone * packed_clips:
-                closed.append(waiting.pop(0))
+                closed.append(waiting.popleft())
                 alone_clips += 1
 
         for i, (gap, lead) in enumerate(zip(gaps, leads)):
