@@ -1176,23 +1176,27 @@ def _rng(seed, stream, key):
     return np.random.default_rng([int(seed), stream, *(int(k) for k in np.atleast_1d(key))])
 
 
-def _clip(source, i):
-    """Clip i of a noise or speech source as float32: a prepare.PreparedSplit (int16) or a list of
-    float arrays."""
+def _clip(source, i, start=0, end=None):
+    """Samples start:end of clip i of a noise or speech source as float32: a prepare.PreparedSplit
+    (int16, only those samples converted) or a list of float arrays."""
     if hasattr(source, "audio"):
-        return np.asarray(source.audio(i), dtype=np.float32) / 32768.0
-    return np.asarray(source[i], dtype=np.float32)
+        return np.asarray(source.audio(i)[start:end], dtype=np.float32) / 32768.0
+    return np.asarray(source[i][start:end], dtype=np.float32)
 
 
 def _clip_len(source, i):
     return int(source.lengths[i]) if hasattr(source, "lengths") else len(source[i])
 
 
-def _looped(x, n, offset):
-    """n samples of x played in a loop from `offset`."""
-    if len(x) == 0:
-        return np.zeros(n, dtype=np.float32)
-    return x[(offset + np.arange(n)) % len(x)]
+def _looped(source, i, n, offset):
+    """n samples of clip i of `source` played in a loop from `offset`, copied a stretch at a time."""
+    out, length = np.zeros(n, dtype=np.float32), _clip_len(source, i)
+    done, start = 0, offset % max(length, 1)
+    while length and done < n:
+        k = min(n - done, length - start)
+        out[done:done + k] = _clip(source, i, start, start + k)
+        done, start = done + k, 0
+    return out
 
 
 class NoiseMixer:
@@ -1283,30 +1287,27 @@ class NoiseMixer:
         """The unscaled noise (B, n) of a batch of recipes, zero beyond each clip's length:
         coloured noise generated on `device`, recordings and talkers gathered from their sources."""
         out = torch.zeros(len(recipes), n, device=device)
-        gathered = np.zeros((len(recipes), n), dtype=np.float32)
-        rows = []
+        rows = [b for b, (r, L) in enumerate(zip(recipes, lengths)) if r["kind"] in ("bank", "babble", "talker") and L > 0]
+        gathered = np.zeros((len(rows), n), dtype=np.float32)  # the recorded noise, filled on the host
         for b, (r, L) in enumerate(zip(recipes, lengths)):
-            kind = r["kind"]
-            if kind is None or L == 0:
-                continue
-            if kind in ("white", "pink", "brown"):
-                g = torch.Generator(device=device).manual_seed(r["seed"])
-                out[b, :L] = coloured_noise((L,), kind, generator=g, device=device)
-                continue
-            rows.append(b)
-            if kind == "bank":
+            if r["kind"] in ("white", "pink", "brown") and L > 0:
+                gen = torch.Generator(device=device).manual_seed(r["seed"])
+                out[b, :L] = coloured_noise((L,), r["kind"], generator=gen, device=device)
+        for g, b in zip(gathered, rows):
+            r, L = recipes[b], lengths[b]
+            if r["kind"] == "bank":
                 (j, offset), = r["pieces"]
-                gathered[b, :L] = _looped(_clip(self.bank, j), L, offset)
-            elif kind == "babble":
+                g[:L] = _looped(self.bank, j, L, offset)
+            elif r["kind"] == "babble":
                 for j, offset in r["pieces"]:
-                    x = _looped(_clip(self.pool, j), L, offset)
-                    gathered[b, :L] += x / np.sqrt(max(float(np.mean(x.astype(np.float64) ** 2)), 1e-10))
+                    x = _looped(self.pool, j, L, offset)
+                    g[:L] += x / np.sqrt(max(float(np.mean(x.astype(np.float64) ** 2)), 1e-10))
             else:  # talker
                 for j, start in r["pieces"]:
-                    x = _clip(self.pool, j)[: max(0, L - start)]
-                    gathered[b, start:start + len(x)] += x
+                    x = _clip(self.pool, j, 0, max(0, L - start))
+                    g[start:start + len(x)] += x
         if rows:
-            out[rows] += torch.from_numpy(gathered[rows]).to(device, non_blocking=True)
+            out[rows] = torch.from_numpy(gathered).to(device, non_blocking=True)
         return out
 
     def __call__(self, audio, lengths, keys, exclude=None, spans=None):
