@@ -370,10 +370,14 @@ def bench_train(args):
         batches.append({**{name: (indices, indices, len(indices), (*batch[:2], None, *batch[2:4])) for name in models if name != packed},
                         packed: ([w[0] for w in ws], [[c for c, _ in w[2]] for w in ws], sum(map(len, spans)), (audio, None, spans, x, y))})
 
-    def step(name, keys, exclude, batch):
-        """One training step of train.py's loop."""
+    def step(name, keys, exclude, batch, mel_times=None):
+        """One training step of train.py's loop; mel_times gets the seconds of its noise and log-mel."""
         audio, lengths, spans, x, y = batch
+        t0 = time.perf_counter()
         mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=keys, exclude=exclude, spans=spans, pack_noise=d.pack_noise)
+        if mel_times is not None:
+            sync()
+            mel_times.append(time.perf_counter() - t0)
         with autocast:
             loss = loss_of[name](mel, x, y)
         loss.backward()
@@ -386,7 +390,7 @@ def bench_train(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times, counts = {k: [] for k in models}, {k: [] for k in models}  # seconds and clips of each timed step
+    times, counts, mel_times = {k: [] for k in models}, {k: [] for k in models}, {k: [] for k in models}  # of each timed step
     if a.warm_all:
         for step_batches in batches[1:]:  # batch 0, the warm-up step below, goes first in the timed pass too
             for name in models:
@@ -397,7 +401,7 @@ def bench_train(args):
             keys, exclude, n_clips, batch = step_batches[name]
             sync()
             t0 = time.perf_counter()
-            step(name, keys, exclude, batch)
+            step(name, keys, exclude, batch, mel_times[name] if s > 0 else None)
             sync()
             if s > 0:
                 times[name].append(time.perf_counter() - t0)
@@ -414,7 +418,8 @@ def bench_train(args):
     best, median = {k: float(r.max()) for k, r in rates.items()}, {k: float(np.median(r)) for k, r in rates.items()}
     for k in times:
         print(f"RESULT train {k:22s}: {overall[k]:.3f} clips/s over all steps, {best[k]:.3f} at the best step "
-              f"({min(times[k]):.2f} s), {median[k]:.3f} at the median")
+              f"({min(times[k]):.2f} s), {median[k]:.3f} at the median; noise and log-mel {100 * sum(mel_times[k]) / sum(times[k]):.0f}% "
+              f"of the time ({1e3 * sum(mel_times[k]) / sum(counts[k]):.2f} ms a clip)")
     # each batch's steps ran back to back, so their ratio cancels the slow drift that moves the
     # totals; its median also discounts a step that a neighbour's burst hit
     for faster, slower, target in ((label, "transformers", "1.3x"), (packed, label, "4x on clips of about 3 s")):
