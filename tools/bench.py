@@ -10,6 +10,7 @@ tools/bench.py: timings against baselines measured in the same run, printed as r
   python tools/bench.py prepare      hours of audio prepared per minute, and batch read speed
   python tools/bench.py mfu          whisper-small training on a GPU: model FLOPs utilisation, peak memory
   python tools/bench.py memory       whisper-small training: where the memory goes (any device)
+  python tools/bench.py noise        training's noise mixing a clip at a time, and coloured noise's FFT lengths
 """
 
 import argparse
@@ -784,6 +785,59 @@ def bench_prepare(args):
             shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_noise(args):
+    """Training's noise, a clip at a time as train.py draws it: NoiseMixer's time a clip for each
+    kind over a prepared folder's first training clips, and pink and brown noise shaped over each
+    clip's own length (the baseline: a new FFT plan for each length, and a corpus has clips of
+    every length) against over the next power of two, as dualwhisper.coloured_noise shapes it."""
+    import time
+
+    import torch
+
+    import dualwhisper as dw
+    import prepare
+
+    p = argparse.ArgumentParser(prog="tools/bench.py noise", description=bench_noise.__doc__)
+    p.add_argument("--data", default="data/demo", help="a prepared folder (python prepare.py --demo)")
+    p.add_argument("--clips", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = parse_args(p, args)
+    device = torch.device(a.device)
+
+    def timed(f):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        f()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    split = prepare.PreparedSplit(a.data, "train")
+    bank = prepare.PreparedSplit(a.data, "noise") if (Path(a.data) / "noise.index.npy").exists() else None
+    n = min(a.clips, len(split))
+    lengths = [int(split.lengths[i]) for i in range(n)]
+    audio = torch.from_numpy(split.batch(range(n))[0]).to(device)
+    print(f"{n} clips of {a.data} ({len(set(lengths))} lengths, {sum(lengths) / n / dw.SAMPLE_RATE:.1f} s on average) on {device}")
+    torch.fft.rfft(torch.zeros(1000, device=device))  # the FFT library loads at its first call
+    for kind in dw.NOISE_KINDS:
+        if kind == "bank" and bank is None:
+            continue
+        mixer = dw.NoiseMixer({kind: 1.0}, bank, split)
+        print(f"RESULT NoiseMixer {kind:6s}: {1e3 * timed(lambda: mixer(audio, lengths, range(n), range(n))) / n:.2f} ms a clip")
+
+    def shaped(L, exponent, m):  # noise of slope 1/f^exponent shaped over m samples, cut to L
+        f = torch.fft.rfftfreq(m, device=device)
+        f[0] = f[1]
+        return torch.fft.irfft(torch.fft.rfft(torch.randn(m, device=device)) / f.pow(exponent / 2), n=m)[:L]
+
+    for colour, exponent in (("pink", 1), ("brown", 2)):
+        own = timed(lambda: [shaped(L, exponent, L + exponent) for L in lengths]) / n  # lengths no FFT has planned yet
+        two = timed(lambda: [shaped(L, exponent, 1 << (L - 1).bit_length()) for L in lengths]) / n
+        print(f"RESULT {colour} shaped over each clip's length {1e3 * own:.2f} ms a clip, over the next power of two "
+              f"{1e3 * two:.2f}: {own / two:.1f}x")
+
+
 def bench_mfu(args):
     """whisper-small (random weights) trained as train.py trains it on a GPU: bfloat16 autocast,
     torch.compile, fused AdamW, every part trained. Prints samples/s, model FLOPs utilisation
@@ -804,7 +858,7 @@ def bench_mfu(args):
 
 
 BENCHMARKS = {"transcribe": bench_transcribe, "long": bench_long, "train": bench_train, "prepare": bench_prepare, "mfu": bench_mfu,
-              "memory": bench_memory}
+              "memory": bench_memory, "noise": bench_noise}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:  # bench.py NAME --help is NAME's help
