@@ -826,14 +826,14 @@ def bench_noise(args):
         mixer = dw.NoiseMixer({kind: 1.0}, bank, split)
         print(f"RESULT NoiseMixer {kind:6s}: {1e3 * timed(lambda: mixer(audio, lengths, range(n), range(n))) / n:.2f} ms a clip")
 
-    def shaped(L, exponent, m):  # noise of slope 1/f^exponent shaped over m samples, cut to L
-        f = torch.fft.rfftfreq(m, device=device)
+    def own_length(L, exponent):  # the baseline: noise of slope 1/f^exponent shaped over its own L samples
+        f = torch.fft.rfftfreq(L, device=device)
         f[0] = f[1]
-        return torch.fft.irfft(torch.fft.rfft(torch.randn(m, device=device)) / f.pow(exponent / 2), n=m)[:L]
+        return torch.fft.irfft(torch.fft.rfft(torch.randn(L, device=device)) / f.pow(exponent / 2), n=L)
 
     for colour, exponent in (("pink", 1), ("brown", 2)):
-        own = timed(lambda: [shaped(L, exponent, L + exponent) for L in lengths]) / n  # lengths no FFT has planned yet
-        two = timed(lambda: [shaped(L, exponent, 1 << (L - 1).bit_length()) for L in lengths]) / n
+        own = timed(lambda: [own_length(L + exponent, exponent) for L in lengths]) / n  # lengths no FFT has planned yet
+        two = timed(lambda: [dw.coloured_noise((L,), colour, device=device) for L in lengths]) / n
         print(f"RESULT {colour} shaped over each clip's length {1e3 * own:.2f} ms a clip, over the next power of two "
               f"{1e3 * two:.2f}: {own / two:.1f}x")
 
