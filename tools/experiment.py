@@ -89,12 +89,19 @@ ARMS = {
     "dual_pack_alone50": [*PACK_DEFAULTS, "--pack_alone", "0.5"],
     "dual_pack_alone5_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05"],  # and on 6 times the clips, as dual_x6
     "dual_pack_alone10_x6": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
+    # train.py's defaults (one clip in 20 alone), but 9 windows in 10 start at 0 s, as a transcribed clip starts
+    "dual_pack_lead90_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_lead", "-9", "1"],
+    # train.py's defaults, two windows a step (about 11 clips, as the padded arms' 8 clips of as many voices)
+    "dual_pack_b2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--batch_size", "2"],
+    # train.py's defaults at twice the padded arms' learning rate
+    "dual_pack_lr2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--learning_rate", "2e-4"],
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
     "dual_pack_x6": PACK_DEFAULTS,
     # padded training on as many clips as dual_pack_x6: the equal-clips comparison at 6 times the clips
     "dual_x6": [],
+    "dual_x6_lr2": ["--learning_rate", "2e-4"],  # and at twice the learning rate, as dual_pack_lr2_x6
     # one clip a window, 8 a step: through the packed path, padded training (dual_pack1, the same losses as dual), then
     # one change each (silence before the clip, timestamped targets, noise over the window), then all three (dual_pack1ts)
     "dual_pack1": [*PACK1, "--pack_gap", "0", "0", "--pack_lead", "0", "0", "--pack_no_timestamps", "1", "--pack_noise", "span"],
@@ -104,7 +111,7 @@ ARMS = {
     "dual_pack1ts": PACK1,
 }
 # arms that see this many times the padded arms' clips (else as many)
-CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone5_x6": 6, "dual_pack_alone10_x6": 6}
+CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone5_x6": 6, "dual_pack_alone10_x6": 6, "dual_pack_lead90_x6": 6, "dual_pack_b2_x6": 6, "dual_pack_lr2_x6": 6, "dual_x6_lr2": 6}
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
