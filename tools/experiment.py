@@ -91,7 +91,7 @@ ARMS = {
     "dual_pack_alone10_x6": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     # train.py's defaults (one clip in 20 alone), but 9 windows in 10 start at 0 s, as a transcribed clip starts
     "dual_pack_lead90_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_lead", "-9", "1"],
-    # train.py's defaults, two windows a step (about 11 clips, as the padded arms' 8 clips of as many voices)
+    # train.py's defaults, two windows a step: about 11 clips of 2 voices, nearer the padded arms' 8 clips of 8 voices
     "dual_pack_b2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--batch_size", "2"],
     # train.py's defaults at twice the padded arms' learning rate
     "dual_pack_lr2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--learning_rate", "2e-4"],
@@ -111,7 +111,7 @@ ARMS = {
     "dual_pack1ts": PACK1,
 }
 # arms that see this many times the padded arms' clips (else as many)
-CLIPS_SEEN = {"dual_pack_x6": 6, "dual_x6": 6, "dual_pack_alone5_x6": 6, "dual_pack_alone10_x6": 6, "dual_pack_lead90_x6": 6, "dual_pack_b2_x6": 6, "dual_pack_lr2_x6": 6, "dual_x6_lr2": 6}
+CLIPS_SEEN = {arm: 6 for arm in ARMS if "_x6" in arm}
 KINDS = ("white", "pink", "babble", "talker", "bank")
 TRAIN_NOISE = "bank:0.4,white:0.1,brown:0.1,babble:0.2,talker:0.1"  # pink is kept for testing: a kind training never hears
 
