@@ -24,6 +24,15 @@ def parse_args(p, args):
     return p.parse_args(args)
 
 
+def sync(device):
+    """Wait for the work queued on `device` (a GPU runs it asynchronously), so that a timer read
+    after it counts that work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def openai_model(path, device):
     """openai-whisper's model holding the same weights as our plain load of `path` (needs openai-whisper)."""
     import whisper
@@ -377,7 +386,7 @@ def bench_train(args):
         t0 = time.perf_counter()
         mel = train.log_mel(audio, lengths, ours.dims.n_mels, mixer, keys=keys, exclude=exclude, spans=spans, pack_noise=d.pack_noise)
         if mel_times is not None:
-            sync()
+            sync(device)
             mel_times.append(time.perf_counter() - t0)
         with autocast:
             loss = loss_of[name](mel, x, y)
@@ -386,10 +395,6 @@ def bench_train(args):
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
         return loss.item()
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     times, counts, mel_times = {k: [] for k in models}, {k: [] for k in models}, {k: [] for k in models}  # of each timed step
     if a.warm_all:
@@ -400,10 +405,10 @@ def bench_train(args):
     for s, step_batches in enumerate(batches):
         for name in (models if s % 2 == 0 else reversed(list(models))):  # alternate which goes first
             keys, exclude, n_clips, batch = step_batches[name]
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             step(name, keys, exclude, batch, mel_times[name] if s > 0 else None)
-            sync()
+            sync(device)
             if s > 0:
                 times[name].append(time.perf_counter() - t0)
                 counts[name].append(n_clips)
@@ -805,12 +810,10 @@ def bench_noise(args):
     device = torch.device(a.device)
 
     def timed(f):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         f()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - t0
 
     split = prepare.PreparedSplit(a.data, "train")
