@@ -95,6 +95,8 @@ ARMS = {
     "dual_pack_b2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--batch_size", "2"],
     # train.py's defaults at twice the padded arms' learning rate
     "dual_pack_lr2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--learning_rate", "2e-4"],
+    # train.py's defaults, but windows of one language, several voices each, as a padded batch holds
+    "dual_pack_language_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_by", "language"],
     # train.py's defaults, each clip encoded without the window's other clips in view (--pack_isolate)
     "dual_pack_isolate_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_isolate"],
     # the defaults with the encoder trained too, as dual_encoder
