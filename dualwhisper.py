@@ -300,9 +300,8 @@ class AudioEncoder(nn.Module):
         self.ln_post = LayerNorm(n_state)
         self.checkpointing = False  # recompute each block's activations in the backward pass
 
-    def forward(self, x, mask=None):
-        """x: log-mel (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state). mask: None, or
-        a boolean (B, 1, n_ctx, n_ctx), True where a frame may look (train.py --pack_isolate)."""
+    def forward(self, x):
+        """x: log-mel (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
         x = F.gelu(self.conv1(x))
         x = F.gelu(self.conv2(x))
         x = x.permute(0, 2, 1)  # (B, n_ctx, n_state)
@@ -311,9 +310,9 @@ class AudioEncoder(nn.Module):
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
         for block in self.blocks:
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, mask=mask)
+                x = block(x)
         return self.ln_post(x)
 
 
@@ -374,12 +373,11 @@ class Whisper(nn.Module):
     def logits(self, tokens, audio_features):
         return self.decoder(tokens, audio_features)
 
-    def forward(self, mel, tokens, targets=None, reduction="mean", audio_mask=None):
+    def forward(self, mel, tokens, targets=None, reduction="mean"):
         """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab); with targets (B, T),
         where -100 marks positions to ignore, the cross-entropy instead: its mean over the target
-        tokens, or with reduction="sum" their sum (train.py divides by the global batch's count).
-        audio_mask: the encoder's self-attention mask (AudioEncoder.forward)."""
-        logits = self.decoder(tokens, self.encoder(mel, audio_mask))
+        tokens, or with reduction="sum" their sum (train.py divides by the global batch's count)."""
+        logits = self.decoder(tokens, self.encoder(mel))
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)

@@ -111,9 +111,6 @@ def get_parser():
                    help="window: one noise draw fills the window at its clips' SNR; clip: a draw (kind, SNR, sources) per clip, "
                         "each over its clip and the silence before it (the last to the window's end); span: a draw per clip "
                         "over the clip alone, as padded training mixes it, the silence between clips left silent")
-    g.add_argument("--pack_isolate", action=argparse.BooleanOptionalAction, default=False,
-                   help="in the encoder, a clip's frames look at their own clip and the window's silence only, not at the "
-                        "other clips, the silence at the silence: each clip encoded nearer to how it is alone in a window")
     g = p.add_argument_group("noise augmentation (on the device, drawn per clip from the seed and its data position)")
     g.add_argument("--noise", default=DEFAULT_NOISE, help="kind:probability per clip, comma-separated; the rest stays clean. Kinds: "
                                                           "bank (the data's noise split), white, pink, brown, babble, talker (a second "
@@ -190,7 +187,7 @@ def parse_config(argv=None):
             raise TrainError(f"--resume: no checkpoint in {args.out_dir} (expected {args.out_dir}/latest/state.pt)")
         # a run from before a flag existed resumes as it was trained: padded, or packed as --pack first packed
         before = {"pack": False, "pack_noise": "window", "pack_lead": None, "pack_by": "language", "pack_clips": 0,
-                  "pack_alone": 0.0, "pack_isolate": False}
+                  "pack_alone": 0.0}
         stored = {**before, **json.loads((ckpt / "config.json").read_text())["train_config"]}
         defaults.update(checked_values({k: v for k, v in stored.items() if k not in ("resume", "config")}, parser, f"{ckpt}/config.json"))
     if args.config:
@@ -227,8 +224,6 @@ def resolve(args):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must lie in [0, 1), not {getattr(args, name)}")
-    if args.pack_isolate and not args.pack:
-        raise TrainError("--pack_isolate masks packed windows: it needs --pack")
     if args.pack_clips < 0:
         raise TrainError(f"--pack_clips is a number of clips (0: as many as fit), not {args.pack_clips}")
     for name in ("pack_no_timestamps", "pack_alone"):
@@ -535,31 +530,6 @@ def mix_per_clip(mixer, audio, keys, exclude, spans, fill=True):
     for r, (b, start, end, *_) in enumerate(pieces):
         out[b, start:end] = noisy[r, :end - start]
     return out
-
-
-def clip_frames(start, end, n_ctx):
-    """The encoder frames (first, last + 1) whose log-mel and convolutions reach samples
-    [start, end) of the window: 200 samples of an STFT window, then two mel frames each side."""
-    hop, reach = dw.N_SAMPLES // n_ctx, dw.N_FFT // 2 + 2 * dw.HOP_LENGTH
-    return max(-(-(start - reach) // hop), 0), min((end - 1 + reach) // hop + 1, n_ctx)
-
-
-def isolating_mask(spans, n_ctx, device):
-    """The encoder's self-attention mask (B, 1, n_ctx, n_ctx) for packed windows (--pack_isolate):
-    the frames of a clip (those its audio reaches, clip_frames) look at that clip and at the
-    window's silence, the silence at the silence, so that no clip is encoded with the others in
-    view. A window of one clip looks everywhere, as when it is transcribed. None when no window
-    holds two clips."""
-    if all(len(row) < 2 for row in spans):
-        return None
-    clip = torch.full((len(spans), n_ctx), -1)  # the clip of each frame, -1 for silence
-    for b, row in enumerate(spans):
-        for i, (a, e) in enumerate(row):
-            first, last = clip_frames(a, e, n_ctx)
-            clip[b, first:last] = i
-    mask = (clip[:, :, None] == clip[:, None, :]) | (clip[:, None, :] < 0)
-    mask[torch.tensor([len(row) < 2 for row in spans])] = True
-    return mask[:, None].to(device)
 
 
 def timestamp_token(tokenizer, sample, floor=False):
@@ -1003,7 +973,6 @@ def run(args):
         kl_sum, data = torch.zeros((), device=device, dtype=torch.float64), []
         for micro_step, (keys, exclude, audio, lengths, spans, x, y, _) in enumerate(batches):
             mel = log_mel(audio, lengths, dims.n_mels, mixer, keys, exclude, args.spec_augment, args.seed, spans, args.pack_noise)
-            audio_mask = isolating_mask(spans, dims.n_audio_ctx, device) if args.pack_isolate else None
             if args.log_data:
                 ramp = torch.arange(mel.shape[-1], device=device, dtype=torch.float64)
                 data.append([[int(k) for k in keys], mel.double().sum().item(), (mel.double() * ramp).sum().item()])
@@ -1013,11 +982,11 @@ def run(args):
             with sync:
                 with autocast:
                     if teacher is None:
-                        ce = model(mel, x, y, reduction="sum", audio_mask=audio_mask)  # over the target tokens, from float32 logits
+                        ce = model(mel, x, y, reduction="sum")  # over the target tokens, from float32 logits
                         loss = ce
                     else:  # cross-entropy plus the KL to the frozen model's predictions on the clean audio
                         keep = y != -100
-                        logp = F.log_softmax(model(mel, x, audio_mask=audio_mask)[keep].float(), dim=-1)  # (N, n_vocab)
+                        logp = F.log_softmax(model(mel, x)[keep].float(), dim=-1)  # (N, n_vocab)
                         ce = F.nll_loss(logp, y[keep], reduction="sum")
                         with torch.no_grad():
                             target = F.log_softmax(teacher(log_mel(audio, lengths, dims.n_mels), x)[keep].float(), dim=-1)

@@ -541,32 +541,6 @@ def test_packed_window_target_decodes_back_to_its_clips(two_languages):
     assert 0.25 < np.mean([t for s, t in formats if s == 0.5]) < 0.75
 
 
-def test_isolated_clips_are_encoded_without_the_others_in_view(two_languages):
-    """--pack_isolate: with the mask, what the encoder makes of every frame but a clip's own does
-    not change when that clip's log-mel does; without it, it does. A window of one clip has no mask."""
-    tokenizer, split = two_languages
-    packed = train.PackedStream(split, np.arange(len(split)), seed=0, no_timestamps=tokenizer.no_timestamps)
-    window = next(packed[k] for k in range(40) if len(packed[k][2]) >= 3)
-    audio, spans, *_ = train.window_batch(split, [window], tokenizer, 448, torch.device("cpu"), seed=5, no_timestamps_share=0.0)
-    torch.manual_seed(0)
-    encoder = dw.Whisper(dw.ModelDimensions(**{**TINY, "n_audio_layer": 2})).encoder.eval()
-    mask = train.isolating_mask(spans, 1500, "cpu")
-    a, e = spans[0][1]
-    first, last = train.clip_frames(a, e, 1500)
-    own = torch.zeros(1500, dtype=torch.bool)
-    own[first:last] = True
-    mel = train.log_mel(audio, None, 80, spans=spans)
-    reached = [m for m in range(mel.shape[-1]) if a < m * dw.HOP_LENGTH + dw.N_FFT // 2 and m * dw.HOP_LENGTH - dw.N_FFT // 2 < e]
-    changed = mel.clone()
-    changed[..., reached] = mel[..., reached].flip(-1)  # the clip's log-mel, backwards
-    with torch.no_grad():
-        for m, isolated in ((mask, True), (None, False)):
-            moved = (encoder(mel, m)[0] - encoder(changed, m)[0]).abs().amax(-1)
-            assert moved[own].max() > 0.1, "the clip's own frames change"
-            assert (moved[~own].max() < 1e-6) == isolated, moved[~own].max()
-    assert train.isolating_mask([[(0, 16000)], []], 1500, "cpu") is None
-
-
 @pytest.mark.parametrize("kind", dw.NOISE_KINDS)
 def test_packed_noise_fills_the_window_at_the_snr_of_its_clips(kind, corpus):
     """The noise covers the whole window, silence between clips included; the SNR asked for is
@@ -674,8 +648,7 @@ def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     for flags, message in ((["--pack_no_timestamps", 1.5], "--pack_no_timestamps is a share in [0, 1]"),
                            (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH"),
                            (["--pack_lead", 1, 0], "--pack_lead must be seconds LOW <= HIGH"),
-                           (["--pack_clips", -1], "--pack_clips is a number of clips"),
-                           (["--no-pack", "--pack_isolate"], "--pack_isolate masks packed windows: it needs --pack")):
+                           (["--pack_clips", -1], "--pack_clips is a number of clips")):
         with pytest.raises(SystemExit) as e:
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))
         err = capsys.readouterr().err.strip().splitlines()

@@ -97,8 +97,6 @@ ARMS = {
     "dual_pack_lr2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--learning_rate", "2e-4"],
     # train.py's defaults, but windows of one language, several voices each, as a padded batch holds
     "dual_pack_language_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_by", "language"],
-    # train.py's defaults, each clip encoded without the window's other clips in view (--pack_isolate)
-    "dual_pack_isolate_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_isolate"],
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
