@@ -491,8 +491,7 @@ def bench_train_mfu(device, batch_size=16, n_tokens=64, steps=5, dims=None, comp
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
 
     for s in range(steps + 2):
         t0 = time.perf_counter()
