@@ -54,6 +54,7 @@ PACK = ["--pack", "--batch_size", "1", "--pack_by", "language", "--pack_noise", 
 PACK1 = [*PACK, "--batch_size", "8", "--pack_clips", "1"]
 # train.py's --pack defaults, but every clip packed (--pack_alone 0, from PACK)
 PACK_DEFAULTS = [*PACK, "--pack_lead", "-1", "1", "--pack_noise", "span", "--pack_by", "speaker"]
+PACK_TRAIN = [*PACK_DEFAULTS, "--pack_alone", "0.05"]  # train.py's --pack defaults, one clip in 20 alone
 ARMS = {
     "plain": ["--plain"],
     "dual": [],
@@ -87,16 +88,16 @@ ARMS = {
     "dual_pack_alone10": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     "dual_pack_alone25": [*PACK_DEFAULTS, "--pack_alone", "0.25"],
     "dual_pack_alone50": [*PACK_DEFAULTS, "--pack_alone", "0.5"],
-    "dual_pack_alone5_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05"],  # and on 6 times the clips, as dual_x6
+    "dual_pack_alone5_x6": PACK_TRAIN,  # and on 6 times the clips, as dual_x6
     "dual_pack_alone10_x6": [*PACK_DEFAULTS, "--pack_alone", "0.1"],
     # train.py's defaults (one clip in 20 alone), but 9 windows in 10 start at 0 s, as a transcribed clip starts
-    "dual_pack_lead90_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_lead", "-9", "1"],
+    "dual_pack_lead90_x6": [*PACK_TRAIN, "--pack_lead", "-9", "1"],
     # train.py's defaults, two windows a step: about 11 clips of 2 voices, nearer the padded arms' 8 clips of 8 voices
-    "dual_pack_b2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--batch_size", "2"],
+    "dual_pack_b2_x6": [*PACK_TRAIN, "--batch_size", "2"],
     # train.py's defaults at twice the padded arms' learning rate
-    "dual_pack_lr2_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--learning_rate", "2e-4"],
+    "dual_pack_lr2_x6": [*PACK_TRAIN, "--learning_rate", "2e-4"],
     # train.py's defaults, but windows of one language, several voices each, as a padded batch holds
-    "dual_pack_language_x6": [*PACK_DEFAULTS, "--pack_alone", "0.05", "--pack_by", "language"],
+    "dual_pack_language_x6": [*PACK_TRAIN, "--pack_by", "language"],
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
