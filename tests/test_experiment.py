@@ -109,6 +109,20 @@ def test_attention_plot_for_a_dual_and_a_plain_model(tiny_en_dir, tiny_en_plain,
     assert sample.main(["--plot", str(tmp_path / "x.png"), "--model", str(plain), "--plot_layer", "9", str(jfk_path)]) == 2
 
 
+def test_error_kinds_by_position():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import experiment
+
+    refs = ["Adam travelled to school last week.", "The old letter is on the shelf.", "Nina cooked dinner."]
+    hyps = ["traveled to school last", "The cold letter is on the shelf today.", "Tina cooked the dinner."]
+    kinds = experiment.error_kinds(refs, hyps, True)
+    # "adam" dropped at the start and "week" at the end; "old" heard as "cold" and "nina" as "tina" (a first word);
+    # "today" and "the" added
+    assert kinds == {"substituted": 2, "first_word": 1, "deleted": 2, "at_end": 1, "inserted": 2}
+    counts = dw.error_counts(refs, hyps)
+    assert kinds["substituted"] + kinds["deleted"] + kinds["inserted"] == counts["word_errors"]
+
+
 def test_tiny_experiment_end_to_end(corpus, tiny_en_dir, tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     import experiment
@@ -126,12 +140,15 @@ def test_tiny_experiment_end_to_end(corpus, tiny_en_dir, tmp_path):
     for evaluation in results["evaluations"].values():
         assert set(k for k in evaluation if not k.startswith("_")) == {"clean", "bank 10"}
         assert len(evaluation["clean"]["errors"]) == evaluation["clean"]["clips"] == 2
+        noisy = evaluation["bank 10"]  # its transcripts and their errors by kind, which add up to its word errors
+        kinds = noisy["kinds"]
+        assert len(noisy["hyps"]) == 2 and kinds["substituted"] + kinds["deleted"] + kinds["inserted"] == sum(noisy["errors"])
     official = results["evaluations"]["official"]["clean"]
     assert official["capped_wer"] < 0.9 and official["words"] == results["evaluations"]["dual-s2"]["clean"]["words"]
     assert results["arms"]["dual"]["params"] > results["arms"]["plain"]["params"]
     assert results["arms"]["dual"]["seconds_per_step"][0] > 0
     assert set(results["paired_vs_plain"]) == {"dual"}
-    assert "| dual |" in (out / "results.md").read_text()
+    assert "| dual |" in (out / "results.md").read_text() and "| bank 10 dB | dual |" in (out / "results.md").read_text()
     if (out / "wer_vs_snr.png").exists() or need("matplotlib"):
         assert (out / "wer_vs_snr.png").read_bytes()[:4] == b"\x89PNG"
     # a second run finds every stage done and writes the same numbers

@@ -307,6 +307,34 @@ def score(refs, hyps, english):
     return out
 
 
+ERROR_KINDS = ("substituted", "first_word", "deleted", "at_end", "inserted")
+
+
+def error_kinds(refs, hyps, english):
+    """Word errors of the clips by kind, summed: substituted (of them a clip's first word), deleted
+    (of them those that reach a clip's last word) and inserted, from jiwer's alignment of the
+    transcripts as dw.error_counts normalises them."""
+    import jiwer
+
+    out = dict.fromkeys(ERROR_KINDS, 0)
+    for r, h in zip(refs, hyps):
+        r, h = dw.normalize_text(r or "", english), dw.normalize_text(h or "", english)
+        if not r:
+            continue
+        n = len(r.split())
+        for chunk in jiwer.process_words(r, h).alignments[0]:
+            width = chunk.ref_end_idx - chunk.ref_start_idx
+            if chunk.type == "substitute":
+                out["substituted"] += width
+                out["first_word"] += chunk.ref_start_idx == 0
+            elif chunk.type == "delete":
+                out["deleted"] += width
+                out["at_end"] += width if chunk.ref_end_idx == n else 0
+            elif chunk.type == "insert":
+                out["inserted"] += chunk.hyp_end_idx - chunk.hyp_start_idx
+    return out
+
+
 LONG_FORM_GAP = 1.0  # seconds of silence between the clips of the long-form file
 
 
@@ -388,7 +416,8 @@ def evaluate_models(args, models, data):
                                           lead=round(args.offset * dw.SAMPLE_RATE))
             clips = score(refs, hyps, english)
             out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
-                              "example": hyps[0], "seconds": round(time.time() - t0, 2)}
+                              "kinds": error_kinds(refs, hyps, english), "hyps": hyps, "example": hyps[0],
+                              "seconds": round(time.time() - t0, 2)}
             print(f"  {name}: {key:<12} WER {100 * out[name][key]['wer']:6.1f}%  "
                   f"capped {100 * out[name][key]['capped_wer']:5.1f}%  ({out[name][key]['seconds']:.0f} s)", flush=True)
             keep(name)
@@ -498,6 +527,18 @@ def markdown(args, results, keys, arms):
         for arm, rs in lf.items():
             lines.append(f"| {arm} | {np.mean([r['segments'] for r in rs]):.1f} | {np.mean([r['within_half_second'] for r in rs]):.1f} | "
                          f"{np.mean([r['median_start_error'] for r in rs]):.2f} | {100 * np.mean([r['wer'] for r in rs]):.1f} |")
+    evals = results["evaluations"]
+    counted = [k for k in keys if k != "clean" and all("kinds" in evals[n][k] for arm in arms for n in t[arm]["runs"])]
+    if counted:
+        lines += ["", "Word errors by kind, summed over the runs of an arm: substituted (of them a clip's first word), deleted "
+                      "(of them at a clip's end: deletions that reach its last word), inserted; words normalised as the WER's:", "",
+                  "| condition | arm | reference words | substituted | first word | deleted | at the end | inserted |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in counted:
+            for arm in arms:
+                total = {e: sum(evals[n][k]["kinds"][e] for n in t[arm]["runs"]) for e in ERROR_KINDS}
+                words = sum(sum(evals[n][k]["words"]) for n in t[arm]["runs"])
+                lines.append(f"| {k} dB | {arm} | {words} | " + " | ".join(str(total[e]) for e in ERROR_KINDS) + " |")
     for kind in args.kinds:
         cols = [k for k in keys if k.startswith(kind + " ")]
         if not cols:
