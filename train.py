@@ -111,10 +111,6 @@ def get_parser():
                    help="window: one noise draw fills the window at its clips' SNR; clip: a draw (kind, SNR, sources) per clip, "
                         "each over its clip and the silence before it (the last to the window's end); span: a draw per clip "
                         "over the clip alone, as padded training mixes it, the silence between clips left silent")
-    g.add_argument("--timestamp_weight", type=float, default=1.0,
-                   help="weight of the timestamp tokens in the loss (1: Whisper's loss). A clip's end is known to a tenth of a "
-                        "second or so (the silence it ends with), so its timestamp keeps a loss of 2-3 nats that can outweigh "
-                        "the text's gradient late in packed training")
     g = p.add_argument_group("noise augmentation (on the device, drawn per clip from the seed and its data position)")
     g.add_argument("--noise", default=DEFAULT_NOISE, help="kind:probability per clip, comma-separated; the rest stays clean. Kinds: "
                                                           "bank (the data's noise split), white, pink, brown, babble, talker (a second "
@@ -191,7 +187,7 @@ def parse_config(argv=None):
             raise TrainError(f"--resume: no checkpoint in {args.out_dir} (expected {args.out_dir}/latest/state.pt)")
         # a run from before a flag existed resumes as it was trained: padded, or packed as --pack first packed
         before = {"pack": False, "pack_noise": "window", "pack_lead": None, "pack_by": "language", "pack_clips": 0,
-                  "pack_alone": 0.0, "timestamp_weight": 1.0}
+                  "pack_alone": 0.0}
         stored = {**before, **json.loads((ckpt / "config.json").read_text())["train_config"]}
         defaults.update(checked_values({k: v for k, v in stored.items() if k not in ("resume", "config")}, parser, f"{ckpt}/config.json"))
     if args.config:
@@ -222,14 +218,12 @@ def resolve(args):
         if getattr(args, name) < (0 if name == "max_iters" else 1):
             raise TrainError(f"--{name} must be positive, not {getattr(args, name)}")
     for name in ("learning_rate", "min_lr", "dual_lr_mult", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters", "eval_samples",
-                 "consistency", "timestamp_weight"):
+                 "consistency"):
         if not getattr(args, name) >= 0:  # (nan too)
             raise TrainError(f"--{name} must not be negative, not {getattr(args, name)}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainError(f"--{name} must lie in [0, 1), not {getattr(args, name)}")
-    if args.consistency > 0 and args.timestamp_weight != 1:
-        raise TrainError("--timestamp_weight applies to the cross-entropy alone: not with --consistency")
     if args.pack_clips < 0:
         raise TrainError(f"--pack_clips is a number of clips (0: as many as fit), not {args.pack_clips}")
     for name in ("pack_no_timestamps", "pack_alone"):
@@ -987,13 +981,9 @@ def run(args):
             gates.clear()
             with sync:
                 with autocast:
-                    if teacher is None and args.timestamp_weight == 1:
+                    if teacher is None:
                         ce = model(mel, x, y, reduction="sum")  # over the target tokens, from float32 logits
                         loss = ce
-                    elif teacher is None:  # the timestamp tokens weighed apart
-                        per_token = model(mel, x, y, reduction="none").view_as(y)
-                        ce = per_token.sum()
-                        loss = torch.where(y >= tokenizer.timestamp_begin, args.timestamp_weight, 1.0).mul(per_token).sum()
                     else:  # cross-entropy plus the KL to the frozen model's predictions on the clean audio
                         keep = y != -100
                         logp = F.log_softmax(model(mel, x)[keep].float(), dim=-1)  # (N, n_vocab)

@@ -627,22 +627,6 @@ def test_one_clip_windows_at_zero_without_timestamps_train_as_padded(tmp_path, c
         assert packed[it] == pytest.approx(padded[it], rel=1e-5), it
 
 
-def test_timestamp_weight_weighs_the_timestamp_tokens_alone(tmp_path, corpus, tiny_dir):
-    """--timestamp_weight scales the loss of the timestamp tokens and nothing else: windows without
-    timestamps train as with weight 1; timestamped windows log the same loss at the first step (the
-    cross-entropy, unweighted) and another gradient."""
-    def steps(name, *flags):
-        train_main(quick(corpus, tiny_dir, tmp_path / name, "--pack", "--batch_size", 1, "--max_iters", 2, "--eval_interval", 2, *flags))
-        return [x for r in records(tmp_path / name, "train") for x in (r["iter"], r["loss"], r["grad_norm"])]
-
-    text = steps("text", "--pack_no_timestamps", 1)
-    assert steps("text-w", "--pack_no_timestamps", 1, "--timestamp_weight", 0.1) == pytest.approx(text, rel=1e-6)
-    timed = steps("timed", "--pack_no_timestamps", 0)
-    weighed = steps("timed-w", "--pack_no_timestamps", 0, "--timestamp_weight", 0.1)
-    assert len(timed) == 6 and weighed[:2] == pytest.approx(timed[:2], rel=1e-6)  # step 1: iteration and loss
-    assert abs(weighed[2] - timed[2]) > 0.01 * timed[2]  # and its gradient norm
-
-
 def test_packed_ddp_two_ranks_match_one_process(tmp_path, corpus, tiny_dir):
     """The packed stream and its noise are the same for one process and for two gloo ranks."""
     flags = ["--pack", "--max_iters", 2, "--eval_interval", 2, "--noise", "white:0.3,babble:0.3,talker:0.2,bank:0.2", "--spec_augment"]
@@ -664,8 +648,7 @@ def test_packing_flags_fail_in_one_line(tmp_path, corpus, tiny_dir, capsys):
     for flags, message in ((["--pack_no_timestamps", 1.5], "--pack_no_timestamps is a share in [0, 1]"),
                            (["--pack_gap", 1, 0.5], "--pack_gap must be seconds LOW <= HIGH"),
                            (["--pack_lead", 1, 0], "--pack_lead must be seconds LOW <= HIGH"),
-                           (["--pack_clips", -1], "--pack_clips is a number of clips"),
-                           (["--timestamp_weight", -1], "--timestamp_weight must not be negative")):
+                           (["--pack_clips", -1], "--pack_clips is a number of clips")):
         with pytest.raises(SystemExit) as e:
             train_main(quick(corpus, tiny_dir, tmp_path / "out", "--pack", *flags))
         err = capsys.readouterr().err.strip().splitlines()

@@ -98,9 +98,6 @@ ARMS = {
     "dual_pack_lr2_x6": [*PACK_TRAIN, "--learning_rate", "2e-4"],
     # train.py's defaults, but windows of one language, several voices each, as a padded batch holds
     "dual_pack_language_x6": [*PACK_TRAIN, "--pack_by", "language"],
-    # train.py's defaults, the timestamp tokens weighing a tenth of the text's in the loss, or nothing
-    "dual_pack_tsw10_x6": [*PACK_TRAIN, "--timestamp_weight", "0.1"],
-    "dual_pack_tsw0_x6": [*PACK_TRAIN, "--timestamp_weight", "0"],
     # the defaults with the encoder trained too, as dual_encoder
     "dual_pack_encoder": [*PACK_DEFAULTS, "--freeze", "none"],
     # the defaults for about the padded arms' training time: 6 times their clips (CLIPS_SEEN)
