@@ -20,8 +20,8 @@ after an interruption):
      at each SNR, the same noisy audio for every model; babble and competing talkers come from
      the test split's own talkers, the bank from noise_test; with --offset S every test clip starts
      after S seconds of silence (an --out of its own: its scores are kept apart)
-  4. OUT/results.json (every number, per-clip errors included), OUT/results.md (mean and spread
-     over seeds), OUT/wer_vs_snr.png (needs matplotlib)
+  4. OUT/results.json (every number, each clip's transcript and errors included), OUT/results.md
+     (mean and spread over seeds; word errors by kind), OUT/wer_vs_snr.png (needs matplotlib)
 
 Scores. A single repetition loop can make one clip's word errors exceed all the other clips'
 together, so besides the corpus WER (all errors / all reference words) every table gives the
@@ -365,7 +365,7 @@ def summarise(clips):
 
 
 def evaluate_models(args, models, data):
-    """{name: {condition: summary and per-clip errors}} of models {name: (path, dual)}, condition by
+    """{name: {condition: summary, per-clip errors and transcripts}} of models {name: (path, dual)}, condition by
     condition, every model in turn (a stop leaves comparable conditions); each model's numbers are
     kept in OUT/eval/{name}.json as they come, and a second run reads them back."""
     import sample
