@@ -416,8 +416,7 @@ def evaluate_models(args, models, data):
                                           lead=round(args.offset * dw.SAMPLE_RATE))
             clips = score(refs, hyps, english)
             out[name][key] = {**summarise(clips), "errors": [c[0] for c in clips], "words": [c[1] for c in clips],
-                              "kinds": error_kinds(refs, hyps, english), "hyps": hyps, "example": hyps[0],
-                              "seconds": round(time.time() - t0, 2)}
+                              "kinds": error_kinds(refs, hyps, english), "hyps": hyps, "seconds": round(time.time() - t0, 2)}
             print(f"  {name}: {key:<12} WER {100 * out[name][key]['wer']:6.1f}%  "
                   f"capped {100 * out[name][key]['capped_wer']:5.1f}%  ({out[name][key]['seconds']:.0f} s)", flush=True)
             keep(name)
